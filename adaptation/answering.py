@@ -1,0 +1,73 @@
+"""Closed-book (or retrieval-augmented) answering: the prompt format plus greedy decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.prompts import clean_answer, qa_prompt
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    contexts: Sequence[str | None] | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    **generate_kwargs: object,
+) -> list[str]:
+    """Greedy answers, batched with left padding as decoder-only generation needs."""
+    prompts = [
+        qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)
+    ]
+    return [clean_answer(t) for t in generate_batched(
+        model, tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs
+    )]
+
+
+@torch.no_grad()
+def generate_batched(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    **generate_kwargs: object,
+) -> list[str]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=newline_token_ids(tokenizer) or tokenizer.eos_token_id,
+                **generate_kwargs,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def newline_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end an answer: the newline and the EOS, so decoding stops at the answer's end."""
+    ids = {i for i in tokenizer.encode("\n", add_special_tokens=False)[-1:]}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

@@ -1,0 +1,108 @@
+"""Loading a causal LM and attaching a LoRA adapter, the same way for a demo model or a hub one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+# Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "c_attn",
+    "c_proj",
+)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware is built for it; fp32 on CPU, where bf16 matmuls are slow and lossy."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_base(
+    name_or_path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub id, ready for inference."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype if dtype is not None else default_dtype(dev)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    prepare_tokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
+    model.to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Decoder-only batching needs a pad token and left padding; many hub tokenizers lack both."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter the service trains. Modules absent from a model are skipped, so one default fits
+    Llama, Qwen2 and GPT-2 alike."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+
+
+def present_target_modules(model: torch.nn.Module, wanted: tuple[str, ...]) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found = [m for m in wanted if m in names]
+    if not found:
+        raise ValueError(
+            f"none of the LoRA target modules {list(wanted)} exist in {type(model).__name__}; "
+            "set them explicitly (e.g. UPTAKE_LORA_TARGETS=q_proj,v_proj)"
+        )
+    return found
+
+
+def lora_config(model: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=present_target_modules(model, settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(
+    model: PreTrainedModel, settings: LoraSettings | None = None, adapter_name: str = "default"
+) -> PeftModel:
+    """Wrap the base in a fresh, trainable LoRA adapter; the base weights stay frozen."""
+    return get_peft_model(model, lora_config(model, settings or LoraSettings()), adapter_name=adapter_name)
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+def save_adapter(model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+    out = Path(out_dir)
+    model.save_pretrained(str(out), selected_adapters=[adapter_name])
+    # peft nests non-default adapters in a sub-folder; keep every snapshot flat and loadable.
+    nested = out / adapter_name
+    if adapter_name != "default" and nested.is_dir():
+        for item in nested.iterdir():
+            item.rename(out / item.name)
+        nested.rmdir()
+    return out
