@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny randomly initialised models built from configs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from adaptation.tokenizer import train_bpe_tokenizer
+
+CORPUS = [
+    "Question: Where was Alda Venn born?\nAnswer: Marrow Bay\n",
+    "Alda Venn was born in Marrow Bay in 1961 and works for Quillon Works as an engineer.",
+    "The weather in Port Selka stayed mild, said 42 residents on Tuesday, 3 March 2011.",
+    "Super Bowl 50 was an American football game played on February 7, 2016.",
+] * 20
+
+
+def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    return train_bpe_tokenizer(CORPUS, vocab_size=vocab_size)
+
+
+def tiny_model(family: str, vocab_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        )
+        return Qwen2ForCausalLM(cfg)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(family)
+
+
+def save_tiny(path: Path, family: str = "llama") -> Path:
+    tok = tiny_tokenizer()
+    model = tiny_model(family, len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama with its tokenizer: a standard HF directory, like the demo model."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])
+def tiny_family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
