@@ -1,0 +1,26 @@
+"""Where built artifacts live: under UPTAKE_HOME (default ~/.cache/uptake)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def uptake_home() -> Path:
+    return Path(os.environ.get("UPTAKE_HOME", Path.home() / ".cache" / "uptake")).expanduser()
+
+
+def demo_model_dir() -> Path:
+    return uptake_home() / "demo"
+
+
+def demo_world_dir() -> Path:
+    return uptake_home() / "world"
+
+
+def demo_weighter_dir() -> Path:
+    return uptake_home() / "camels"
+
+
+def demo_mac_dir() -> Path:
+    return uptake_home() / "mac"
