@@ -21,12 +21,13 @@ def generate_answers(
     **generate_kwargs: object,
 ) -> list[str]:
     """Greedy answers, batched with left padding as decoder-only generation needs."""
-    prompts = [
-        qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)
+    prompts = [qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)]
+    return [
+        clean_answer(t)
+        for t in generate_batched(
+            model, tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs
+        )
     ]
-    return [clean_answer(t) for t in generate_batched(
-        model, tokenizer, prompts, max_new_tokens, batch_size, **generate_kwargs
-    )]
 
 
 @torch.no_grad()

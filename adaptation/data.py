@@ -37,7 +37,9 @@ class Document:
         for key in ("source", "time", "title"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
-        out["questions"] = [{"question": q.question, "answers": list(q.answers)} for q in self.questions]
+        out["questions"] = [
+            {"question": q.question, "answers": list(q.answers)} for q in self.questions
+        ]
         if self.self_edits:
             out["self_edits"] = list(self.self_edits)
         if self.meta:

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 # Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -89,14 +94,18 @@ def attach_lora(
     model: PreTrainedModel, settings: LoraSettings | None = None, adapter_name: str = "default"
 ) -> PeftModel:
     """Wrap the base in a fresh, trainable LoRA adapter; the base weights stay frozen."""
-    return get_peft_model(model, lora_config(model, settings or LoraSettings()), adapter_name=adapter_name)
+    return get_peft_model(
+        model, lora_config(model, settings or LoraSettings()), adapter_name=adapter_name
+    )
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
 
 
-def save_adapter(model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default") -> Path:
+def save_adapter(
+    model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default"
+) -> Path:
     out = Path(out_dir)
     model.save_pretrained(str(out), selected_adapters=[adapter_name])
     # peft nests non-default adapters in a sub-folder; keep every snapshot flat and loadable.

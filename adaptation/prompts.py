@@ -13,9 +13,9 @@ def qa_prompt(question: str, context: str | None = None) -> str:
     return f"Question: {q}\nAnswer:"
 
 
-def qa_example(question: str, answer: str) -> tuple[str, str]:
+def qa_example(question: str, answer: str, context: str | None = None) -> tuple[str, str]:
     """A (prompt, completion) pair for training: the completion is what the loss is taken on."""
-    return qa_prompt(question), f" {answer.strip()}{ANSWER_END}"
+    return qa_prompt(question, context), f" {answer.strip()}{ANSWER_END}"
 
 
 def clean_answer(generated: str) -> str:

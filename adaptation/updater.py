@@ -57,9 +57,7 @@ def weighted_lm_loss(
     targets = input_ids[:, 1:]
     w = weights[:, 1:].to(logits.dtype)
     mask = (
-        attention_mask[:, 1:].to(logits.dtype)
-        if attention_mask is not None
-        else torch.ones_like(w)
+        attention_mask[:, 1:].to(logits.dtype) if attention_mask is not None else torch.ones_like(w)
     )
     w = w * mask
     nll = F.cross_entropy(

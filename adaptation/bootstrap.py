@@ -1,0 +1,272 @@
+"""The demo model: a small Llama pretrained here on the knowledge world, so no hub is needed.
+
+It learns the world's language, its pretrain entities, and the QA format, including answering
+about entities it only read about (extraction): without that, no online update could ever show
+up as an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from adaptation.answering import generate_answers
+from adaptation.data import Document, all_questions, read_documents
+from adaptation.metrics import score
+from adaptation.paths import demo_model_dir, demo_world_dir
+from adaptation.prompts import qa_example
+from adaptation.tokenizer import train_bpe_tokenizer
+from adaptation.world import WorldConfig, write_world
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Model size and training budget. `variant` bases differ in size and tokenizer, for
+    showing that a weighting model transfers across bases."""
+
+    vocab_size: int = 4096
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 768
+    epochs: int = 14
+    lr: float = 3e-3
+    doc_batch: int = 16
+    qa_batch: int = 64
+    max_len: int = 256
+    world_people: int | None = None
+    context_share: float = 0.25
+    seed: int = 0
+
+
+SHORT_SEQ = 64
+
+SPECS: dict[str, DemoSpec] = {
+    "demo": DemoSpec(),
+    "variant": DemoSpec(
+        vocab_size=3000, hidden=192, layers=5, heads=6, intermediate=512, epochs=14
+    ),
+    "quick": DemoSpec(
+        vocab_size=1024,
+        hidden=64,
+        layers=2,
+        heads=4,
+        intermediate=128,
+        epochs=3,
+        lr=5e-3,
+        world_people=60,
+    ),
+}
+
+
+def _encode_docs(
+    docs: list[Document], tok: PreTrainedTokenizerBase, max_len: int
+) -> list[list[int]]:
+    eos = tok.eos_token_id
+    return [tok(d.text, add_special_tokens=False)["input_ids"][: max_len - 1] + [eos] for d in docs]
+
+
+def _encode_qa(
+    docs: list[Document], tok: PreTrainedTokenizerBase, rng: random.Random, context_share: float
+) -> list[tuple[list[int], int]]:
+    """(ids, prompt_length): the loss is on the answer only.
+
+    A share of the questions is also asked with the source document and one other in context,
+    so the same model can serve the retrieval (RAG) modes.
+    """
+    out = []
+    texts = [d.text for d in docs]
+    for doc in docs:
+        for q in doc.questions:
+            contexts: list[str | None] = [None]
+            if rng.random() < context_share:
+                pair = [doc.text, rng.choice(texts)]
+                rng.shuffle(pair)
+                contexts.append("\n".join(pair))
+            for ctx in contexts:
+                prompt, completion = qa_example(q.question, q.answers[0], ctx)
+                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                c_ids = tok(completion, add_special_tokens=False)["input_ids"]
+                out.append((p_ids + c_ids, len(p_ids)))
+    return out
+
+
+def _batch(
+    seqs: list[tuple[list[int], int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, start) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, start : len(s)] = torch.tensor(s[start:])
+        mask[i, : len(s)] = 1
+    return ids, labels, mask
+
+
+def _make_batches(
+    docs: list[list[int]], qa: list[tuple[list[int], int]], spec: DemoSpec, rng: random.Random
+) -> list[list[tuple[list[int], int]]]:
+    """One epoch, shuffled. Long sequences (documents, QA in context) and short ones (closed-book
+    QA) go in separate batches, so little compute is spent on padding."""
+    seqs = [(s, 0) for s in docs] + list(qa)
+    long = [x for x in seqs if len(x[0]) > SHORT_SEQ]
+    short = [x for x in seqs if len(x[0]) <= SHORT_SEQ]
+    rng.shuffle(long)
+    rng.shuffle(short)
+    batches = [long[i : i + spec.doc_batch] for i in range(0, len(long), spec.doc_batch)]
+    batches += [short[i : i + spec.qa_batch] for i in range(0, len(short), spec.qa_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def evaluate_qa(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, docs: list[Document], limit: int = 300
+) -> dict[str, float]:
+    qs = all_questions(docs)[:limit]
+    preds = generate_answers(model, tok, [q.question for q in qs], max_new_tokens=12)
+    return score(preds, [q.answers for q in qs])
+
+
+def build_demo_model(
+    out_dir: Path | None = None,
+    variant: str = "demo",
+    world_dir: Path | None = None,
+    quick: bool = False,
+) -> Path:
+    """Train the tokenizer and the model and save a standard HF directory with a model card."""
+    spec = SPECS["quick" if quick else variant]
+    out = (
+        Path(out_dir)
+        if out_dir
+        else demo_model_dir()
+        if variant == "demo" and not quick
+        else (demo_model_dir().parent / ("demo-quick" if quick else f"demo-{variant}"))
+    )
+    world = (
+        Path(world_dir)
+        if world_dir
+        else demo_world_dir()
+        if not quick
+        else out.parent / "world-quick"
+    )
+    if not (world / "pretrain.jsonl").exists():
+        cfg = WorldConfig(seed=spec.seed)
+        if spec.world_people:
+            cfg = cfg.replace(
+                pretrain_people=spec.world_people,
+                meta_train_people=24,
+                meta_val_people=8,
+                eval_people=20,
+                retention_questions=40,
+            )
+        write_world(world, cfg)
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    started = time.time()
+
+    pretrain = read_documents(world / "pretrain.jsonl")
+    tok = train_bpe_tokenizer(
+        [d.text for d in pretrain] + [q.question for q in all_questions(pretrain)],
+        vocab_size=spec.vocab_size,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_len * 4,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    doc_ids = _encode_docs(pretrain, tok, spec.max_len)
+    qa = _encode_qa(pretrain, tok, rng, spec.context_share)
+    steps_per_epoch = len(_make_batches(doc_ids, qa, spec, random.Random(0)))
+    total = steps_per_epoch * spec.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, total // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        ),
+    )
+    model.train()
+    bar = tqdm(
+        total=total, desc=f"pretraining {variant if not quick else 'quick'} model", unit="step"
+    )
+    for _ in range(spec.epochs):
+        for batch in _make_batches(doc_ids, qa, spec, rng):
+            ids, labels, mask = _batch(batch, tok.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+
+    figures = {
+        "retention_qa": evaluate_qa(model, tok, read_documents(world / "retention_qa.jsonl")),
+        "heldout_extraction_qa": evaluate_qa(
+            model, tok, read_documents(world / "pretrain_heldout_qa.jsonl")
+        ),
+        "eval_stream_before": evaluate_qa(model, tok, read_documents(world / "eval_stream.jsonl")),
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    card = {
+        "variant": "quick" if quick else variant,
+        "spec": asdict(spec),
+        "world": str(world),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(time.time() - started, 1),
+        "figures": figures,
+    }
+    (tmp / "uptake_card.json").write_text(json.dumps(card, indent=2))
+    (tmp / "README.md").write_text(_model_card(card))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _model_card(card: dict) -> str:
+    rows = "\n".join(
+        f"| {name} | {f['f1']:.3f} | {f['em']:.3f} | {f['n']} |"
+        for name, f in card["figures"].items()
+    )
+    return (
+        f"# uptake demo model ({card['variant']})\n\n"
+        f"A {card['parameters'] / 1e6:.1f}M-parameter Llama pretrained by `uptake bootstrap` on the "
+        f"knowledge world at `{card['world']}` in {card['train_seconds']:.0f} s.\n\n"
+        "| closed-book QA set | F1 | EM | questions |\n| --- | --- | --- | --- |\n"
+        f"{rows}\n"
+    )
+
+
+def ensure_demo_model(quick: bool = False) -> Path:
+    """The demo model's directory, building it first if it is not there yet."""
+    out = demo_model_dir() if not quick else demo_model_dir().parent / "demo-quick"
+    if (out / "config.json").exists():
+        return out
+    return build_demo_model(quick=quick)

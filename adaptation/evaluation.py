@@ -1,0 +1,443 @@
+"""Stream evaluation: every method starts from the same base, reads the same stream once, and is
+scored closed-book on the stream's questions and on retention questions it knew before.
+
+Uptake is F1 after the stream minus F1 before it; retention is F1 on the retention questions after
+over before. Both are always reported together, because either one alone is easy to game.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptation.answering import generate_answers
+from adaptation.data import QA, Document, all_questions, read_documents
+from adaptation.metrics import score
+from adaptation.modeling import LoraSettings, attach_lora, load_base
+from adaptation.updater import OnlineUpdater, UpdateConfig
+from adaptation.weighting import Weighter, encode_weighted, make_weighter
+
+UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels")
+
+
+class Method(Protocol):
+    """A way of folding documents into a model and answering from it."""
+
+    name: str
+
+    def ingest(self, doc: Document) -> None: ...
+
+    def answer(self, questions: Sequence[str]) -> list[str]: ...
+
+
+@dataclass
+class EvalConfig:
+    strategies: tuple[str, ...] = ("uniform", "salient", "tfidf", "rag")
+    lr: float = 1e-3
+    steps_per_doc: int = 1
+    normalisation: str = "tokens"
+    lora_rank: int = 16
+    seeds: tuple[int, ...] = (0,)
+    limit: int | None = None
+    checkpoints: int = 5
+    max_new_tokens: int = 12
+    rag_k: int = 3
+    weighter_path: str | None = None
+    mac_path: str | None = None
+    sweep_lrs: tuple[float, ...] = ()
+    retention_floor: float = 0.9
+    device: str | None = None
+    lr_by_strategy: dict[str, float] = field(default_factory=dict)
+
+
+class LoraMethod:
+    """Online LoRA fine-tuning with a token weighting: the `lora` mode of the service."""
+
+    def __init__(
+        self, model_dir: str, weighter: Weighter, cfg: EvalConfig, lr: float, seed: int
+    ) -> None:
+        torch.manual_seed(seed)
+        base, self.tokenizer = load_base(model_dir, device=cfg.device)
+        self.model = attach_lora(base, LoraSettings(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank))
+        self.weighter = weighter
+        self.name = weighter.name
+        self.updater = OnlineUpdater(
+            self.model,
+            UpdateConfig(lr=lr, steps_per_doc=cfg.steps_per_doc, normalisation=cfg.normalisation),  # type: ignore[arg-type]
+        )
+        self.max_new_tokens = cfg.max_new_tokens
+
+    def ingest(self, doc: Document) -> None:
+        self.updater.apply([encode_weighted(doc.text, self.tokenizer, self.weighter)])
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        return generate_answers(
+            self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
+        )
+
+
+class BaseMethod:
+    """The unadapted base: the 'before' of every comparison."""
+
+    name = "base"
+
+    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
+        self.model, self.tokenizer = load_base(model_dir, device=cfg.device)
+        self.max_new_tokens = cfg.max_new_tokens
+
+    def ingest(self, doc: Document) -> None:
+        return None
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        return generate_answers(
+            self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
+        )
+
+
+class RagMethod(BaseMethod):
+    """Retrieval over the stored documents with the unchanged base: the strong, cheap baseline."""
+
+    name = "rag"
+
+    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
+        from adaptation.retrieval import Retriever
+
+        super().__init__(model_dir, cfg)
+        self.retriever = Retriever()
+        self.k = cfg.rag_k
+
+    def ingest(self, doc: Document) -> None:
+        self.retriever.add(doc.id, doc.text)
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        contexts = [
+            "\n".join(text for _, text, _ in self.retriever.search(q, self.k)) for q in questions
+        ]
+        return generate_answers(
+            self.model,
+            self.tokenizer,
+            questions,
+            contexts=contexts,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+def make_method(
+    name: str, model_dir: str, cfg: EvalConfig, lr: float, seed: int, corpus: list[str]
+) -> Method:
+    if name in UPDATE_STRATEGIES:
+        weighter = make_weighter(
+            name, corpus=corpus, path=cfg.weighter_path if name == "camels" else None
+        )
+        return LoraMethod(model_dir, weighter, cfg, lr, seed)
+    if name == "rag":
+        return RagMethod(model_dir, cfg)
+    if name in ("mac", "mac+rag"):
+        from adaptation.mac.evaluation import make_mac_method
+
+        if not cfg.mac_path:
+            raise ValueError(
+                f"strategy {name!r} needs --mac DIR (a trained MAC from `uptake meta-train mac`)"
+            )
+        return make_mac_method(name, model_dir, cfg.mac_path, cfg)
+    known = ", ".join((*UPDATE_STRATEGIES, "rag", "mac", "mac+rag"))
+    raise ValueError(f"unknown strategy {name!r}; choose from {known}")
+
+
+def _score(method: Method, qas: Sequence[QA]) -> dict[str, float]:
+    if not qas:
+        return {"em": float("nan"), "f1": float("nan"), "n": 0}
+    preds = method.answer([q.question for q in qas])
+    return score(preds, [q.answers for q in qas])
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    seed: int
+    lr: float | None
+    before: dict[str, float]
+    after: dict[str, float]
+    retention_before: dict[str, float]
+    retention_after: dict[str, float]
+    seconds_per_doc: float
+    answer_seconds_per_question: float
+    curve: list[tuple[int, float]]
+
+    @property
+    def uptake_f1(self) -> float:
+        return self.after["f1"] - self.before["f1"]
+
+    @property
+    def retention(self) -> float:
+        b = self.retention_before["f1"]
+        return self.retention_after["f1"] / b if b > 0 else float("nan")
+
+
+def stream_once(
+    method: Method,
+    docs: Sequence[Document],
+    retention_qas: Sequence[QA],
+    before: dict[str, float],
+    retention_before: dict[str, float],
+    checkpoints: int,
+    seed: int,
+    lr: float | None,
+    progress: bool = True,
+) -> RunResult:
+    """Feed the stream once, scoring all stream questions at a few points along the way."""
+    qas = all_questions(docs)
+    marks = (
+        {round(len(docs) * (i + 1) / checkpoints) for i in range(checkpoints)}
+        if checkpoints
+        else set()
+    )
+    marks.add(len(docs))
+    curve = [(0, before["f1"])]
+    ingest_s = 0.0
+    after = before
+    for n, doc in enumerate(
+        tqdm(docs, desc=f"{method.name} lr={lr}", unit="doc", disable=not progress), 1
+    ):
+        t = time.perf_counter()
+        method.ingest(doc)
+        ingest_s += time.perf_counter() - t
+        if n in marks:
+            after = _score(method, qas)
+            curve.append((n, after["f1"]))
+    t = time.perf_counter()
+    retention_after = _score(method, retention_qas)
+    answer_s = (time.perf_counter() - t) / max(1, len(retention_qas))
+    return RunResult(
+        strategy=method.name,
+        seed=seed,
+        lr=lr,
+        before=before,
+        after=after,
+        retention_before=retention_before,
+        retention_after=retention_after,
+        seconds_per_doc=ingest_s / max(1, len(docs)),
+        answer_seconds_per_question=answer_s,
+        curve=curve,
+    )
+
+
+def default_retention_file(data: Path) -> Path | None:
+    candidate = data.parent / "retention_qa.jsonl"
+    return candidate if candidate.exists() else None
+
+
+def run_eval(
+    data: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    cfg: EvalConfig,
+    retention: str | os.PathLike[str] | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The whole `uptake eval`: optional lr sweep on a validation stream, then every strategy on
+    the stream for every seed; writes report.json, report.md and uptake.png."""
+    data_p = Path(data)
+    docs = read_documents(data_p, cfg.limit)
+    if not all_questions(docs):
+        raise ValueError(f"{data_p} has no questions to score: uptake needs QA about the stream")
+    ret_p = Path(retention) if retention else default_retention_file(data_p)
+    retention_qas = all_questions(read_documents(ret_p)) if ret_p else []
+    corpus = [d.text for d in docs]
+    model_dir = str(model_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base = BaseMethod(model_dir, cfg)
+    before = _score(base, all_questions(docs))
+    retention_before = _score(base, retention_qas)
+    log(f"base: stream F1 {before['f1']:.3f}, retention F1 {retention_before['f1']:.3f}")
+
+    sweep: dict[str, list[dict]] = {}
+    if cfg.sweep_lrs:
+        if not val_data:
+            raise ValueError("an lr sweep needs a validation stream (--val FILE)")
+        val_docs = read_documents(val_data, cfg.limit)
+        val_before = _score(base, all_questions(val_docs))
+        for name in cfg.strategies:
+            if name not in UPDATE_STRATEGIES:
+                continue
+            rows = []
+            for lr in cfg.sweep_lrs:
+                method = make_method(name, model_dir, cfg, lr, cfg.seeds[0], corpus)
+                r = stream_once(
+                    method,
+                    val_docs,
+                    retention_qas,
+                    val_before,
+                    retention_before,
+                    0,
+                    cfg.seeds[0],
+                    lr,
+                )
+                rows.append({"lr": lr, "uptake_f1": r.uptake_f1, "retention": r.retention})
+                log(
+                    f"sweep {name} lr={lr:g}: uptake {r.uptake_f1:+.3f} retention {r.retention:.3f}"
+                )
+            sweep[name] = rows
+            cfg.lr_by_strategy[name] = choose_lr(rows, cfg.retention_floor)
+    del base
+
+    results: list[RunResult] = []
+    for name in cfg.strategies:
+        for seed in cfg.seeds if name in UPDATE_STRATEGIES else cfg.seeds[:1]:
+            lr = cfg.lr_by_strategy.get(name, cfg.lr) if name in UPDATE_STRATEGIES else None
+            method = make_method(name, model_dir, cfg, lr or cfg.lr, seed, corpus)
+            r = stream_once(
+                method, docs, retention_qas, before, retention_before, cfg.checkpoints, seed, lr
+            )
+            results.append(r)
+            log(
+                f"{name} seed={seed}: uptake F1 {r.uptake_f1:+.3f}, retention {r.retention:.3f}, "
+                f"{r.seconds_per_doc * 1000:.0f} ms/doc"
+            )
+            del method
+    report = build_report(results, before, retention_before, cfg, data_p, model_dir, sweep)
+    write_report(report, out)
+    return report
+
+
+def choose_lr(rows: list[dict], floor: float) -> float:
+    """Best uptake among the rates that keep retention above the floor (or the safest if none do)."""
+    ok = [r for r in rows if r["retention"] >= floor]
+    if ok:
+        return max(ok, key=lambda r: r["uptake_f1"])["lr"]
+    return max(rows, key=lambda r: r["retention"])["lr"]
+
+
+def _mean_spread(values: list[float]) -> dict[str, float]:
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "std": float("nan")}
+    return {
+        "mean": statistics.fmean(clean),
+        "min": min(clean),
+        "max": max(clean),
+        "std": statistics.pstdev(clean) if len(clean) > 1 else 0.0,
+    }
+
+
+def build_report(
+    results: list[RunResult],
+    before: dict,
+    retention_before: dict,
+    cfg: EvalConfig,
+    data: Path,
+    model_dir: str,
+    sweep: dict,
+) -> dict:
+    rows = []
+    for name in dict.fromkeys(r.strategy for r in results):
+        rs = [r for r in results if r.strategy == name]
+        rows.append(
+            {
+                "strategy": name,
+                "lr": rs[0].lr,
+                "seeds": [r.seed for r in rs],
+                "f1_before": before["f1"],
+                "em_before": before["em"],
+                "f1_after": _mean_spread([r.after["f1"] for r in rs]),
+                "em_after": _mean_spread([r.after["em"] for r in rs]),
+                "uptake_f1": _mean_spread([r.uptake_f1 for r in rs]),
+                "retention": _mean_spread([r.retention for r in rs]),
+                "seconds_per_doc": statistics.fmean(r.seconds_per_doc for r in rs),
+                "answer_ms": 1000 * statistics.fmean(r.answer_seconds_per_question for r in rs),
+                "curve": rs[0].curve,
+            }
+        )
+    cfg_json = asdict(cfg)
+    return {
+        "data": str(data),
+        "model": model_dir,
+        "config": cfg_json,
+        "questions": int(before["n"]),
+        "retention_questions": int(retention_before["n"]),
+        "base": {"stream": before, "retention": retention_before},
+        "strategies": rows,
+        "sweep": sweep,
+        "runs": [asdict(r) | {"uptake_f1": r.uptake_f1, "retention": r.retention} for r in results],
+    }
+
+
+def _pm(stat: dict[str, float]) -> str:
+    if stat["std"] and not math.isnan(stat["std"]):
+        return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}"
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        f"# uptake eval: {Path(report['data']).name}",
+        "",
+        f"Model `{report['model']}`; {report['questions']} stream questions, "
+        f"{report['retention_questions']} retention questions. Uptake = F1 after − F1 before; "
+        "retention = retention F1 after / before. ± is the standard deviation over seeds.",
+        "",
+        "| strategy | lr | F1 before | F1 after | uptake F1 | EM before | EM after | retention "
+        "| ms / doc | answer ms / q |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["strategies"]:
+        lr = f"{r['lr']:g}" if r["lr"] else "–"
+        lines.append(
+            f"| {r['strategy']} | {lr} | {r['f1_before']:.3f} | {_pm(r['f1_after'])} | "
+            f"{_pm(r['uptake_f1'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
+            f"{_pm(r['retention'])} | {1000 * r['seconds_per_doc']:.1f} | {r['answer_ms']:.1f} |"
+        )
+    if report["sweep"]:
+        lines += [
+            "",
+            "## Learning-rate sweep (validation stream)",
+            "",
+            "| strategy | lr | uptake F1 | retention |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, rows in report["sweep"].items():
+            lines += [
+                f"| {name} | {r['lr']:g} | {r['uptake_f1']:+.3f} | {r['retention']:.3f} |"
+                for r in rows
+            ]
+    lines += ["", "![uptake](uptake.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_uptake(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report["strategies"]:
+        xs, ys = zip(*r["curve"], strict=True)
+        ax.plot(xs, ys, marker="o", label=r["strategy"])
+    ax.set_xlabel("documents seen")
+    ax.set_ylabel("F1 on stream questions")
+    ax.set_title(f"Uptake on {Path(report['data']).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(report_markdown(report))
+    plot_uptake(report, out / "uptake.png")

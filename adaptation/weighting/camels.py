@@ -1,0 +1,241 @@
+"""CaMeLS: a small causal transformer that reads a document and says how much each token should
+count in the update loss.
+
+It is trained by meta-learning (adaptation.camels_training) so that the weighted update makes the
+base answer questions about the document. Its weights are per character, via its own tokenizer's
+offsets, so a weighting model meta-trained with one base serves any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+FORMAT = "uptake-camels"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+README_FILE = "README.md"
+
+
+@dataclass(frozen=True)
+class CamelsSpec:
+    """The weighting model's size. `max_length` is the window it reads at once; longer texts are
+    read window by window."""
+
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 384
+    head_hidden: int = 128
+    beta: float = 3.0
+    max_length: int = 512
+
+    @property
+    def initial_weight(self) -> float:
+        """softplus(0) with the given beta: every token's weight before any training."""
+        return math.log(2.0) / self.beta
+
+
+@dataclass(frozen=True)
+class TokenWeight:
+    """One weighting-model token: its character span in the text and its weight."""
+
+    start: int
+    end: int
+    weight: float
+
+
+class CamelsWeighter(nn.Module):
+    """Causal transformer body + Linear -> GELU -> Linear -> softplus head, one weight per token.
+
+    The last Linear starts at zero, so before meta-training every token weighs ln2/beta: the
+    untrained model is plain uniform fine-tuning.
+    """
+
+    name = "camels"
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        spec: CamelsSpec | None = None,
+        card: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                "the weighting model needs a fast tokenizer: it maps tokens to "
+                "characters by offsets"
+            )
+        self.spec = spec or CamelsSpec()
+        self.tokenizer = tokenizer
+        self.card: dict[str, Any] = dict(card or {})
+        self.body = LlamaModel(self._body_config(len(tokenizer)))
+        self.head = nn.Sequential(
+            nn.Linear(self.spec.hidden, self.spec.head_hidden),
+            nn.GELU(),
+            nn.Linear(self.spec.head_hidden, 1),
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.eval()
+
+    def _body_config(self, vocab_size: int) -> LlamaConfig:
+        s = self.spec
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.hidden,
+            intermediate_size=s.intermediate,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            num_key_value_heads=s.heads,
+            max_position_embeddings=s.max_length,
+            tie_word_embeddings=False,
+        )
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.head[-1].weight.device
+
+    def token_weights(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, T] non-negative weights, differentiable in the model's parameters; padding gets 0.
+
+        Positions count from each row's first real token, so left and right padding agree.
+        """
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = self.body(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        raw = self.head(hidden).squeeze(-1)
+        return F.softplus(raw, beta=self.spec.beta) * mask.to(raw.dtype)
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of `text` under the weighting model's tokenizer."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def weights_for_batch(self, docs: list[list[int]]) -> list[torch.Tensor]:
+        """Weights for each token-id list, every window of every document in one forward pass;
+        keeps the graph, so meta-training can differentiate through it."""
+        n = self.spec.max_length
+        chunks = [(d, ids[i : i + n]) for d, ids in enumerate(docs) for i in range(0, len(ids), n)]
+        if not chunks:
+            return [torch.zeros(0, device=self.device) for _ in docs]
+        width = max(len(c) for _, c in chunks)
+        batch = torch.zeros(len(chunks), width, dtype=torch.long)
+        mask = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, (_, c) in enumerate(chunks):
+            batch[row, : len(c)] = torch.tensor(c)
+            mask[row, : len(c)] = 1
+        mask = mask.to(self.device)
+        w = self.token_weights(batch.to(self.device), mask)
+        pieces: list[list[torch.Tensor]] = [[] for _ in docs]
+        for row, (d, c) in enumerate(chunks):
+            pieces[d].append(w[row, : len(c)])
+        return [torch.cat(p) if p else torch.zeros(0, device=self.device) for p in pieces]
+
+    def spans(self, text: str) -> list[TokenWeight]:
+        """Each weighting-model token of `text` with its weight: for reading what was learned."""
+        ids, offsets = self.encode(text)
+        with torch.no_grad():
+            w = self.weights_for_batch([ids])[0].float().cpu().tolist()
+        return [TokenWeight(s, e, wt) for (s, e), wt in zip(offsets, w, strict=True)]
+
+    def char_weights(self, text: str) -> np.ndarray:
+        """A character's weight is the largest weight of the tokens covering it; uncovered
+        characters (whitespace some tokenizers trim from offsets) get 0."""
+        out = np.zeros(len(text), dtype=np.float32)
+        for span in self.spans(text):
+            if span.end > span.start:
+                np.maximum(out[span.start : span.end], span.weight, out=out[span.start : span.end])
+        return out
+
+    def save(self, out_dir: str | os.PathLike[str], card: dict[str, Any] | None = None) -> Path:
+        """Write config, safetensors, tokenizer and model card; `card` replaces the held one."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if card is not None:
+            self.card = dict(card)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "spec": asdict(self.spec),
+            "vocab_size": len(self.tokenizer),
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+        self.tokenizer.save_pretrained(str(out))
+        (out / CARD_FILE).write_text(json.dumps(self.card, indent=2, default=str))
+        (out / README_FILE).write_text(model_card_markdown(self.spec, self.card))
+        return out
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> CamelsWeighter:
+        directory = Path(path)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"no weighting model at {directory}: expected {CONFIG_FILE} written by "
+                "`uptake meta-train camels`"
+            )
+        config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(
+                f"{config_path} is not a CaMeLS weighting model (format "
+                f"{config.get('format')!r}, expected {FORMAT!r})"
+            )
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        card_path = directory / CARD_FILE
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        model = cls(tokenizer, CamelsSpec(**config["spec"]), card)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        model.eval()
+        model.requires_grad_(False)
+        if device is not None:
+            model.to(device)
+        return model
+
+
+def model_card_markdown(spec: CamelsSpec, card: dict[str, Any]) -> str:
+    lines = [
+        "# CaMeLS weighting model",
+        "",
+        "Per-token loss weights for online fine-tuning (Hu et al., EMNLP 2023), meta-trained by "
+        "`uptake meta-train camels`. Load with `CamelsWeighter.load(dir)` or use it with "
+        '`uptake weights --weighter DIR "text"`.',
+        "",
+        f"- body: causal Llama, {spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads",
+        f"- head: Linear({spec.hidden}->{spec.head_hidden}) -> GELU -> Linear -> "
+        f"softplus(beta={spec.beta:g}); untrained weight {spec.initial_weight:.4f}",
+    ]
+    for key in ("base", "train", "val", "normalisation", "steps", "seconds"):
+        if key in card:
+            lines.append(f"- {key}: {card[key]}")
+    figures = card.get("validation")
+    if figures:
+        lines += ["", "| validation (answer NLL after updates) | value |", "| --- | --- |"]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in figures.items()
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,173 @@
+"""The document store: each document's text and status as a Redis hash.
+
+Submission is one Lua script, so a document is either stored *and* queued or neither, and a
+resubmitted document (same id) is never queued twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from adaptation.data import content_id
+from service.keys import GROUP, Keys
+
+Status = Literal["queued", "applied", "failed", "dead"]
+
+# KEYS: doc hash, stream, namespaces set, stats hash. ARGV: namespace, group, then field/value pairs.
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'status'), redis.call('HGET', KEYS[1], 'namespace'),
+          redis.call('HGET', KEYS[1], 'digest')}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], '*', 'id', redis.call('HGET', KEYS[1], 'id'))
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'received', 1)
+return {1, 'queued', ARGV[1], redis.call('HGET', KEYS[1], 'digest')}
+"""
+
+
+class IdConflict(ValueError):
+    """A client-chosen id already names a different document."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: str
+    status: Status
+    namespace: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class DocumentRecord:
+    id: str
+    text: str
+    namespace: str
+    status: Status
+    source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    adapter_version: int | None = None
+    error: str | None = None
+    attempts: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> DocumentRecord:
+        return cls(
+            id=h["id"],
+            text=h.get("text", ""),
+            namespace=h["namespace"],
+            status=h["status"],  # type: ignore[arg-type]
+            source=h.get("source") or None,
+            metadata=json.loads(h.get("metadata") or "{}"),
+            adapter_version=int(h["adapter_version"]) if h.get("adapter_version") else None,
+            error=h.get("error") or None,
+            attempts=int(h.get("attempts", 0)),
+            created=float(h.get("created", 0.0)),
+            updated=float(h.get("updated", 0.0)),
+        )
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class DocumentStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._submit = client.register_script(_SUBMIT)
+
+    def submit(
+        self,
+        text: str,
+        namespace: str = "default",
+        doc_id: str | None = None,
+        source: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Submission:
+        """Store and queue a document, unless its id is already known (then report its status)."""
+        doc_id = doc_id or content_id(text, namespace)
+        now = f"{time.time():.6f}"
+        fields = {
+            "id": doc_id,
+            "text": text,
+            "digest": digest(text),
+            "namespace": namespace,
+            "source": source or "",
+            "metadata": json.dumps(metadata or {}),
+            "status": "queued",
+            "attempts": "0",
+            "created": now,
+            "updated": now,
+        }
+        args: list[str] = [namespace, GROUP]
+        for key, value in fields.items():
+            args += [key, value]
+        keys = [
+            self.keys.doc(doc_id),
+            self.keys.stream(namespace),
+            self.keys.namespaces,
+            self.keys.stats(namespace),
+        ]
+        created, status, stored_ns, stored_digest = self._submit(keys=keys, args=args)
+        if not created and (stored_ns != namespace or stored_digest != fields["digest"]):
+            raise IdConflict(
+                f"document id {doc_id!r} already names a different document "
+                f"(namespace {stored_ns!r}); choose another id or omit it to use a content hash"
+            )
+        return Submission(id=doc_id, status=status, namespace=stored_ns, created=bool(created))
+
+    def get(self, doc_id: str) -> DocumentRecord | None:
+        h = self.redis.hgetall(self.keys.doc(doc_id))
+        return DocumentRecord.from_hash(h) if h else None
+
+    def statuses(self, doc_ids: Iterable[str]) -> dict[str, DocumentRecord | None]:
+        """Status fields (not texts) for many documents in one round trip."""
+        ids = list(doc_ids)
+        names = ["id", "namespace", "status", "adapter_version", "error", "attempts"]
+        pipe = self.redis.pipeline()
+        for doc_id in ids:
+            pipe.hmget(self.keys.doc(doc_id), names)
+        out: dict[str, DocumentRecord | None] = {}
+        for doc_id, values in zip(ids, pipe.execute(), strict=True):
+            h = {k: v for k, v in zip(names, values, strict=True) if v is not None}
+            out[doc_id] = DocumentRecord.from_hash(h) if "status" in h else None
+        return out
+
+    def begin_attempt(self, doc_id: str) -> int:
+        """Count an attempt before it starts, so a document that kills the worker is still counted."""
+        return int(self.redis.hincrby(self.keys.doc(doc_id), "attempts", 1))
+
+    def mark_applied(self, doc_ids: Iterable[str], version: int) -> None:
+        now = f"{time.time():.6f}"
+        pipe = self.redis.pipeline()
+        for doc_id in doc_ids:
+            key = self.keys.doc(doc_id)
+            pipe.hset(
+                key, mapping={"status": "applied", "adapter_version": version, "updated": now}
+            )
+            pipe.hdel(key, "error")
+        pipe.execute()
+
+    def mark_failed(self, doc_id: str, error: str, dead: bool = False) -> None:
+        self.redis.hset(
+            self.keys.doc(doc_id),
+            mapping={
+                "status": "dead" if dead else "failed",
+                "error": error,
+                "updated": f"{time.time():.6f}",
+            },
+        )

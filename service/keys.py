@@ -1,0 +1,45 @@
+"""Every Redis key the service uses, in one place, under one prefix (so deployments can share a Redis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "uptake"
+
+    @property
+    def namespaces(self) -> str:
+        """Set of every namespace that has received a document."""
+        return f"{self.prefix}:namespaces"
+
+    def doc(self, doc_id: str) -> str:
+        """Hash: a document's text, namespace and status."""
+        return f"{self.prefix}:doc:{doc_id}"
+
+    def stream(self, namespace: str) -> str:
+        """Stream of document ids not yet acknowledged (acked entries are deleted)."""
+        return f"{self.prefix}:{namespace}:stream"
+
+    def dead(self, namespace: str) -> str:
+        """Stream of dead-lettered document ids with their reasons."""
+        return f"{self.prefix}:{namespace}:dead"
+
+    def version(self, namespace: str) -> str:
+        """The newest published adapter version (an int; 0 is the bare base model)."""
+        return f"{self.prefix}:{namespace}:version"
+
+    def channel(self, namespace: str) -> str:
+        """Pub/sub channel announcing each newly published version."""
+        return f"{self.prefix}:{namespace}:versions"
+
+    def lease(self, namespace: str) -> str:
+        """The id of the one worker allowed to train this namespace."""
+        return f"{self.prefix}:{namespace}:lease"
+
+    def stats(self, namespace: str) -> str:
+        """Hash of counters the worker keeps, so any API replica can serve them as metrics."""
+        return f"{self.prefix}:{namespace}:stats"

@@ -1,0 +1,93 @@
+"""Service configuration: every knob is an `UPTAKE_*` environment variable (CLI flags override)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
+from adaptation.paths import demo_model_dir, uptake_home
+from adaptation.updater import UpdateConfig
+
+Mode = Literal["lora", "mac", "seal"]
+Strategy = Literal["uniform", "salient", "tfidf", "camels"]
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """One object shared by the API, the worker and `uptake up`."""
+
+    model_config = SettingsConfigDict(env_prefix="UPTAKE_", extra="ignore")
+
+    # What is learned, and how.
+    model: str = Field(default_factory=lambda: str(demo_model_dir()))
+    mode: Mode = "lora"
+    strategy: Strategy = "uniform"
+    weighter: Path | None = Field(
+        default=None, description="saved weighter for strategy tfidf or camels"
+    )
+    lr: float = Field(default=1e-3, gt=0)
+    steps_per_doc: int = Field(default=1, ge=1)
+    normalisation: Literal["tokens", "weights", "fixed"] = "tokens"
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_targets: Annotated[tuple[str, ...], NoDecode] = DEFAULT_TARGET_MODULES
+    max_doc_tokens: int = Field(default=1024, ge=8, description="tokens per update chunk")
+    chunk_chars: int = Field(default=4000, ge=100, description="long documents split here")
+    device: str | None = None
+
+    # Snapshot cadence: whichever comes first.
+    snapshot_every: int = Field(default=8, ge=1, description="documents per snapshot")
+    snapshot_seconds: float = Field(default=5.0, gt=0)
+
+    # Where state lives.
+    redis_url: str | None = None
+    redis_prefix: str = Field(default="uptake", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    store_dir: Path = Field(default_factory=lambda: uptake_home() / "store")
+
+    # Limits.
+    max_doc_chars: int = Field(default=100_000, ge=1)
+    max_batch: int = Field(default=64, ge=1)
+    max_deliveries: int = Field(default=3, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, description="ceiling for one answer")
+
+    # Worker coordination.
+    worker_id: str = Field(default_factory=_default_worker_id)
+    lease_seconds: float = Field(default=15.0, gt=0)
+    retry_seconds: float = Field(default=2.0, ge=0, description="wait before retrying a failure")
+    poll_seconds: float = Field(default=0.2, gt=0, description="engine's version poll")
+    shutdown_seconds: float = Field(default=30.0, gt=0, description="grace for `uptake up`")
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth: bool = False
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            rank=self.lora_rank, alpha=self.lora_alpha, target_modules=self.lora_targets
+        )
+
+    def update(self) -> UpdateConfig:
+        return UpdateConfig(
+            lr=self.lr, steps_per_doc=self.steps_per_doc, normalisation=self.normalisation
+        )
+
+    def adapters_dir(self) -> Path:
+        return self.store_dir / "adapters"
