@@ -15,14 +15,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-# Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families.
+# Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families:
+# new facts are stored largely in the MLPs, so they are adapted too.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
     "k_proj",
     "v_proj",
     "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
     "c_attn",
     "c_proj",
+    "c_fc",
 )
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adaptation.camels_training import MetaTrainConfig
+    from service.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -143,13 +148,229 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_meta_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "meta-train",
+        help="meta-train a method's learned part (camels: the token-weighting model)",
+    )
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for add in (_add_meta_train_camels,):
+        add(methods)
+
+
+def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
+    p = methods.add_parser(
+        "camels",
+        help="meta-train a CaMeLS weighting model for a base",
+        description="Bi-level training: each episode applies --episode-docs documents to the "
+        "base's LoRA, one differentiable SGD step each on the weighted loss, then scores answer "
+        "NLL on their questions plus --c-kl x KL on an unrelated passage. The best checkpoint "
+        "by validation outer loss is written to --out. Unset options take the defaults of "
+        "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
+    )
+    p.add_argument("--base", required=True, help="base model directory or hub id")
+    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
+    p.add_argument("--val", required=True, help="validation documents with questions")
+    p.add_argument("--out", required=True, help="directory for the weighting model")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds, for tests)")
+    p.add_argument("--inner-lr", type=float, default=None, help="inner SGD lr")
+    p.add_argument("--outer-lr", type=float, default=None, help="outer Adam lr")
+    p.add_argument("--episode-docs", type=int, default=None, help="documents per episode")
+    p.add_argument("--reset-every", type=int, default=None, help="documents between LoRA resets")
+    p.add_argument("--c-kl", type=float, default=None, help="locality weight")
+    p.add_argument("--grad-accum", type=int, default=None, help="episodes per outer step")
+    p.add_argument("--steps", type=int, default=None, help="outer steps")
+    p.add_argument("--minutes", type=float, default=None, help="finish within this many minutes")
+    p.add_argument("--val-every", type=int, default=None, help="outer steps between validations")
+    p.add_argument("--val-episodes", type=int, default=None, help="fixed validation episodes")
+    p.add_argument("--normalisation", default=None, choices=["tokens", "weights", "fixed"],
+                   help="inner loss normalisation")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None, help="weighting model width")
+    p.add_argument("--layers", type=int, default=None, help="weighting model layers")
+    p.add_argument("--tokenizer", default=None,
+                   help="the weighting model's own tokenizer directory (default: the base's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(handler=_run_meta_train_camels)
+
+
+def _meta_train_camels_config(args: argparse.Namespace) -> MetaTrainConfig:
+    import dataclasses
+
+    from adaptation.camels_training import MetaTrainConfig
+
+    options = {
+        "inner_lr": args.inner_lr, "outer_lr": args.outer_lr, "episode_docs": args.episode_docs,
+        "reset_every": args.reset_every, "c_kl": args.c_kl, "grad_accum": args.grad_accum,
+        "steps": args.steps, "minutes": args.minutes, "val_every": args.val_every,
+        "val_episodes": args.val_episodes, "normalisation": args.normalisation,
+        "lora_rank": args.lora_rank, "seed": args.seed,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    config = MetaTrainConfig.quick(**overrides) if args.quick else MetaTrainConfig(**overrides)
+    spec = {k: v for k, v in {"hidden": args.hidden, "layers": args.layers}.items() if v is not None}
+    if spec:
+        config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, **spec))
+    return config
+
+
+def _run_meta_train_camels(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from adaptation.camels_training import meta_train
+
+    try:
+        config = _meta_train_camels_config(args)
+        print(json.dumps(dataclasses.asdict(config)))
+        tokenizer = None
+        if args.tokenizer:
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+        result = meta_train(args.base, args.train, args.val, args.out, config, tokenizer=tokenizer)
+    except (OSError, ValueError) as exc:
+        print(f"uptake meta-train camels: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.card.get("validation", {}), indent=2))
+    print(f"seconds per episode: {result.card.get('seconds_per_episode')}")
+    print(result.out_dir)
+    return 0
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weights",
+        help="show a weighting model's per-token weights on some text",
+        description="Prints the text with each token's background coloured by its weight "
+        "(relative to the largest in the text), and optionally draws a PNG heat-strip.",
+    )
+    p.add_argument("text", help="the text to weigh; '-' reads standard input, '@FILE' a file")
+    p.add_argument("--weighter", required=True, help="weighting model directory (meta-train out)")
+    p.add_argument("--png", default=None, help="also write a heat-strip image here")
+    p.add_argument("--table", action="store_true", help="one token per line instead of colour")
+    p.set_defaults(handler=_run_weights)
+
+
+def _run_weights(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adaptation.weighting.camels import CamelsWeighter
+    from adaptation.weighting.display import ansi_rendering, heat_strip_png, summary, weight_table
+
+    try:
+        if args.text == "-":
+            text = sys.stdin.read()
+        elif args.text.startswith("@"):
+            text = Path(args.text[1:]).read_text(encoding="utf-8")
+        else:
+            text = args.text
+        weighter = CamelsWeighter.load(args.weighter)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+        print(f"uptake weights: {exc}", file=sys.stderr)
+        return 2
+    spans = weighter.spans(text)
+    print(weight_table(text, spans) if args.table else ansi_rendering(text, spans))
+    print(summary(spans))
+    if args.png:
+        print(heat_strip_png(text, spans, args.png, title=str(args.weighter)))
+    return 0
+
+
+def _service_settings(args: argparse.Namespace) -> Settings:
+    """Settings from UPTAKE_* variables, with the flags given on the command line on top."""
+    from service.settings import Settings
+
+    flags = {k: getattr(args, k, None) for k in ("model", "host", "port")}
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def _service_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _service_flags(p: argparse.ArgumentParser, http: bool) -> None:
+    p.add_argument("--model", default=None, help="base model dir or hub id (UPTAKE_MODEL)")
+    if http:
+        p.add_argument("--host", default=None, help="address to bind (UPTAKE_HOST)")
+        p.add_argument("--port", type=int, default=None, help="port to bind (UPTAKE_PORT)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP API and the serving engine")
+    _service_flags(p, http=True)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+    from service.redis_conn import close_embedded
+
+    _service_logging()
+    settings = _service_settings(args)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    finally:
+        close_embedded()
+    return 0
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run the worker that folds queued documents into adapters")
+    _service_flags(p, http=False)
+    p.set_defaults(handler=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from service.redis_conn import close_embedded
+    from service.worker import Worker
+
+    _service_logging()
+    try:
+        Worker(_service_settings(args)).run_forever()
+    finally:
+        close_embedded()
+    return 0
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run everything on this machine: embedded Redis, worker and API",
+        description="Starts an embedded Redis (unless UPTAKE_REDIS_URL is set), the worker and "
+        "the API; builds the demo model first if it is missing. Ctrl-C stops everything.",
+    )
+    _service_flags(p, http=True)
+    p.set_defaults(handler=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from service.supervisor import run_up
+
+    _service_logging()
+    return run_up(_service_settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uptake",
         description="Keep a language model's knowledge current: documents in, answers out.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_world, _add_bootstrap, _add_eval):
+    for add in (
+        _add_world,
+        _add_bootstrap,
+        _add_eval,
+        _add_meta_train,
+        _add_weights,
+        _add_serve,
+        _add_worker,
+        _add_up,
+    ):
         add(sub)
     return parser
 

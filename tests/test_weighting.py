@@ -224,7 +224,10 @@ def test_projection_agrees_across_tokenizers(kind: str) -> None:
         assert len(offsets) > 20, name
         if kind == "salient":
             for (start, end), w in zip(offsets, token_w.tolist()):
-                covers = end > start and any(s < end and start < e for s, e in salient)
+                if end > start:
+                    covers = any(s < end and start < e for s, e in salient)
+                else:  # a trimmed whitespace token takes the weight of the character it sits on
+                    covers = char_w[min(start, len(TEXT) - 1)] > 0
                 assert w == float(covers), (name, TEXT[start:end])
         back = _back_to_chars(len(TEXT), offsets, token_w)
         # Every token here lies inside one word, so it carries exactly its characters' weight.
@@ -233,3 +236,9 @@ def test_projection_agrees_across_tokenizers(kind: str) -> None:
     first, *rest = per_tokenizer.values()
     for other in rest:
         np.testing.assert_array_equal(first[words], other[words])
+
+
+def test_uniform_weighting_is_uniform_on_every_token() -> None:
+    text = "Alda Venn   was born\n\nin Marrow Bay in 1961 .  Done"
+    enc = encode_weighted(text, tiny_tokenizer(), UniformWeighter())
+    assert bool((enc.weights == 1.0).all())

@@ -24,11 +24,18 @@ class Weighter(Protocol):
 
 
 def project_to_tokens(char_weights: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
-    """A token's weight is the largest weight of the characters it covers; empty spans get 0."""
+    """A token's weight is the largest weight of the characters it covers.
+
+    Tokenizers that trim offsets give a lone whitespace token an empty span; it takes the weight
+    of the character where it sits, so uniform weighting stays uniform.
+    """
     out = np.zeros(len(offsets), dtype=np.float32)
+    n = len(char_weights)
     for i, (start, end) in enumerate(offsets):
         if end > start:
             out[i] = float(char_weights[start:end].max())
+        elif n:
+            out[i] = float(char_weights[min(start, n - 1)])
     return out
 
 

@@ -43,6 +43,15 @@ class CamelsSpec:
     beta: float = 3.0
     max_length: int = 512
 
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(
+                f"the weighting model's hidden size {self.hidden} must be a multiple "
+                f"of its {self.heads} attention heads"
+            )
+        if min(self.hidden, self.layers, self.heads, self.head_hidden, self.max_length) < 1:
+            raise ValueError("the weighting model's sizes must all be at least 1")
+
     @property
     def initial_weight(self) -> float:
         """softplus(0) with the given beta: every token's weight before any training."""
@@ -228,7 +237,15 @@ def model_card_markdown(spec: CamelsSpec, card: dict[str, Any]) -> str:
         f"- head: Linear({spec.hidden}->{spec.head_hidden}) -> GELU -> Linear -> "
         f"softplus(beta={spec.beta:g}); untrained weight {spec.initial_weight:.4f}",
     ]
-    for key in ("base", "train", "val", "normalisation", "steps", "seconds"):
+    for key in (
+        "base",
+        "train",
+        "val",
+        "normalisation",
+        "trained_steps",
+        "seconds_per_episode",
+        "seconds",
+    ):
         if key in card:
             lines.append(f"- {key}: {card[key]}")
     figures = card.get("validation")

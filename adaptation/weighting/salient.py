@@ -32,66 +32,17 @@ _PRONOUN_I = re.compile(r"I(?:['’][a-z]+)?")
 _SENTENCE_END = ".!?"
 _OPENERS = "\"'“‘([{"
 _CLOSERS = "\"'”’)]}"
+# Words capitalised by their position (sentence start, after a colon), not because they name.
 _FUNCTION_WORDS = frozenset(
-    [
-        "A",
-        "An",
-        "The",
-        "In",
-        "On",
-        "At",
-        "By",
-        "For",
-        "From",
-        "Of",
-        "To",
-        "With",
-        "As",
-        "After",
-        "Before",
-        "During",
-        "Since",
-        "Until",
-        "And",
-        "But",
-        "Or",
-        "So",
-        "If",
-        "When",
-        "While",
-        "Where",
-        "Who",
-        "Whom",
-        "Whose",
-        "What",
-        "Which",
-        "Why",
-        "How",
-        "This",
-        "That",
-        "These",
-        "Those",
-        "It",
-        "Its",
-        "He",
-        "She",
-        "They",
-        "We",
-        "You",
-        "His",
-        "Her",
-        "Their",
-        "Our",
-        "My",
-        "Your",
-        "There",
-        "Then",
-        "Here",
-        "However",
-        "Also",
-        "Although",
-        "Though",
-    ]
+    word
+    for group in (
+        "A An The This That These Those",
+        "In On At By For From Of To With As After Before During Since Until",
+        "And But Or So If When While Where Who Whom Whose What Which Why How",
+        "It Its He She They We You His Her Their Our My Your There Then Here",
+        "However Also Although Though",
+    )
+    for word in group.split()
 )
 
 

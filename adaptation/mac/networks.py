@@ -1,0 +1,117 @@
+"""Everything MAC trains, under one config: amortizer, aggregator (with its question encoder) and
+the prefix projector. The base model is not part of it and stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from adaptation.mac.aggregator import Aggregator, AggregatorConfig
+from adaptation.mac.amortizer import Amortizer, EncoderConfig
+from adaptation.mac.injection import PrefixKV, PrefixProjector, PrefixShape
+
+
+@dataclass(frozen=True)
+class MacConfig:
+    amortizer: EncoderConfig
+    question: EncoderConfig
+    aggregator: AggregatorConfig
+    prefix: PrefixShape
+    projector_hidden: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.amortizer.num_tokens
+
+    @property
+    def width(self) -> int:
+        return self.prefix.width
+
+    @classmethod
+    def for_base(
+        cls,
+        model: PreTrainedModel,
+        vocab_size: int,
+        *,
+        width: int = 256,
+        layers: int = 2,
+        query_layers: int = 2,
+        heads: int = 4,
+        num_tokens: int = 16,
+        max_length: int = 256,
+        question_length: int = 64,
+        aggregator_blocks: int = 4,
+        window: int = 32,
+        chunk: int = 16,
+        dropout: float = 0.0,
+    ) -> MacConfig:
+        """Networks sized for `model`; `vocab_size` is the encoder tokenizer's."""
+        shape = PrefixShape.of(model)
+        encoder = EncoderConfig(
+            vocab_size=vocab_size,
+            out_width=shape.width,
+            width=width,
+            layers=layers,
+            query_layers=query_layers,
+            heads=heads,
+            num_tokens=num_tokens,
+            max_length=max_length,
+            dropout=dropout,
+        )
+        return cls(
+            amortizer=encoder,
+            question=dataclasses.replace(encoder, max_length=question_length),
+            aggregator=AggregatorConfig(
+                width=shape.width,
+                blocks=aggregator_blocks,
+                window=window,
+                chunk=chunk,
+                dropout=dropout,
+            ),
+            prefix=shape,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> MacConfig:
+        return cls(
+            amortizer=EncoderConfig(**raw["amortizer"]),
+            question=EncoderConfig(**raw["question"]),
+            aggregator=AggregatorConfig(**raw["aggregator"]),
+            prefix=PrefixShape(**raw["prefix"]),
+            projector_hidden=raw.get("projector_hidden"),
+        )
+
+
+class MacNetworks(nn.Module):
+    def __init__(self, config: MacConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.amortizer = Amortizer(config.amortizer)
+        self.aggregator = Aggregator(config.aggregator, config.question)
+        self.projector = PrefixProjector(
+            config.prefix, config.question.num_tokens, config.projector_hidden
+        )
+
+    def modulate(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Documents [N, S] -> modulations [N, T, d]."""
+        return self.amortizer(input_ids, mask)
+
+    def prefix(
+        self,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+    ) -> PrefixKV:
+        """Questions [B, S] over memory [1 or B, N, T, d] -> the prefix each question reads."""
+        queries = self.aggregator.queries(question_ids, question_mask)
+        modulation, present = self.aggregator(queries, memory.to(queries.dtype), memory_mask)
+        return self.projector(modulation, present)

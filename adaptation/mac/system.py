@@ -1,0 +1,197 @@
+"""A MAC system: trained networks + a memory bank + the frozen base they modulate.
+
+Ingesting a document is one forward pass of the amortizer with no gradient; answering aggregates
+the bank (or only the given documents' entries, for mac+rag) into a prefix for the base.
+
+On disk (`save`/`load`): mac_config.json, networks.safetensors, the encoder's tokenizer (the
+base's by default, but any works) in encoder_tokenizer/, and the bank in bank/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.mac.amortizer import tokenize
+from adaptation.mac.bank import MemoryBank
+from adaptation.mac.injection import PrefixKV, PrefixShape, generate_with_prefix
+from adaptation.mac.networks import MacConfig, MacNetworks
+
+CONFIG = "mac_config.json"
+NETWORKS = "networks.safetensors"
+ENCODER_TOKENIZER = "encoder_tokenizer"
+BANK = "bank"
+
+
+class MacSystem:
+    def __init__(
+        self,
+        networks: MacNetworks,
+        base_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder_tokenizer: PreTrainedTokenizerBase | None = None,
+        bank: MemoryBank | None = None,
+    ) -> None:
+        cfg = networks.config
+        shape = PrefixShape.of(base_model)
+        if shape != cfg.prefix:
+            raise ValueError(
+                f"these MAC networks were trained for a base shaped {cfg.prefix}, not {shape}; "
+                "train them for this base with `uptake meta-train mac`"
+            )
+        self.base = base_model
+        self.tokenizer = tokenizer
+        self.encoder_tokenizer = encoder_tokenizer or tokenizer
+        if len(self.encoder_tokenizer) > cfg.amortizer.vocab_size:
+            raise ValueError(
+                f"the encoder tokenizer has {len(self.encoder_tokenizer)} tokens but the encoder "
+                f"embeds {cfg.amortizer.vocab_size}"
+            )
+        self.device = next(base_model.parameters()).device
+        self.networks = networks.to(self.device).eval()
+        self.bank = bank or MemoryBank(cfg.num_tokens, cfg.width)
+        if (self.bank.num_tokens, self.bank.width) != (cfg.num_tokens, cfg.width):
+            raise ValueError("the memory bank's entry shape does not match the networks")
+
+    @classmethod
+    def create(
+        cls,
+        base_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: MacConfig | None = None,
+    ) -> MacSystem:
+        """Untrained networks sized for the base (training starts here)."""
+        config = config or MacConfig.for_base(base_model, len(tokenizer))
+        return cls(MacNetworks(config), base_model, tokenizer)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        base_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> MacSystem:
+        src = Path(directory)
+        if not (src / CONFIG).exists():
+            raise FileNotFoundError(
+                f"no MAC system at {src} (missing {CONFIG}); build one with `uptake meta-train mac`"
+            )
+        config = MacConfig.from_json(json.loads((src / CONFIG).read_text(encoding="utf-8")))
+        networks = MacNetworks(config)
+        networks.load_state_dict(load_file(str(src / NETWORKS)))
+        encoder_tok = (
+            AutoTokenizer.from_pretrained(str(src / ENCODER_TOKENIZER))
+            if (src / ENCODER_TOKENIZER).is_dir()
+            else None
+        )
+        bank = MemoryBank.load(src / BANK) if (src / BANK).is_dir() else None
+        return cls(networks, base_model, tokenizer, encoder_tok, bank)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG).write_text(json.dumps(self.networks.config.to_json(), indent=2), "utf-8")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.networks.state_dict().items()}
+        save_file(state, str(out / NETWORKS))
+        self.encoder_tokenizer.save_pretrained(str(out / ENCODER_TOKENIZER))
+        self.save_bank(out)
+        return out
+
+    def save_bank(self, directory: str | os.PathLike[str]) -> Path:
+        """Only the bank: what changes at ingest, cheap to write after every document."""
+        return self.bank.save(Path(directory) / BANK)
+
+    @torch.no_grad()
+    def modulate(self, texts: Sequence[str]) -> torch.Tensor:
+        """Documents -> modulations [N, T, d], one forward pass, no gradient."""
+        ids, mask = tokenize(
+            self.encoder_tokenizer, texts, self.networks.config.amortizer.max_length, self.device
+        )
+        return self.networks.modulate(ids, mask)
+
+    def ingest(self, doc_id: str, text: str) -> bool:
+        """Amortize a document into the bank; False if the bank already holds its id."""
+        if doc_id in self.bank:
+            return False
+        return self.bank.append(doc_id, self.modulate([text])[0])
+
+    def ingest_many(self, docs: Sequence[tuple[str, str]], batch_size: int = 16) -> int:
+        """(doc_id, text) pairs, amortized in batches; returns how many were new."""
+        new = [(i, t) for i, t in dict(docs).items() if i not in self.bank]
+        added = 0
+        for start in range(0, len(new), batch_size):
+            chunk = new[start : start + batch_size]
+            for (doc_id, _), modulation in zip(chunk, self.modulate([t for _, t in chunk])):
+                added += self.bank.append(doc_id, modulation)
+        return added
+
+    def drop(self, doc_id: str) -> bool:
+        return self.bank.drop(doc_id)
+
+    @torch.no_grad()
+    def prefix(
+        self, questions: Sequence[str], doc_ids: Sequence[Sequence[str]] | None = None
+    ) -> PrefixKV | None:
+        """The prefix for each question: over the whole bank, or over its own `doc_ids` only.
+        None when no question has any memory (the plain base answers)."""
+        if doc_ids is None:
+            if not len(self.bank):
+                return None
+            memory, mask = self.bank.tensor()[None], None
+        else:
+            rows = [self.bank.select(ids) for ids in doc_ids]
+            if not any(len(r) for r in rows):
+                return None
+            memory, mask = _pad_entries(rows)
+            mask = mask.to(self.device)
+        cfg = self.networks.config.question
+        q_ids, q_mask = tokenize(self.encoder_tokenizer, questions, cfg.max_length, self.device)
+        return self.networks.prefix(q_ids, q_mask, memory.to(self.device, torch.float32), mask)
+
+    def answer(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str | None] | None = None,
+        doc_ids: Sequence[Sequence[str]] | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Greedy answers. `contexts` go into the prompt (retrieval); `doc_ids` restrict each
+        question's memory to those documents (mac+rag); unknown ids are skipped."""
+        for name, extra in (("contexts", contexts), ("doc_ids", doc_ids)):
+            if extra is not None and len(extra) != len(questions):
+                raise ValueError(f"{len(questions)} questions but {len(extra)} {name}")
+        out: list[str] = []
+        for start in range(0, len(questions), batch_size):
+            span = slice(start, start + batch_size)
+            qs = list(questions[span])
+            prefix = self.prefix(qs, None if doc_ids is None else doc_ids[span])
+            out.extend(
+                generate_with_prefix(
+                    self.base,
+                    self.tokenizer,
+                    prefix,
+                    qs,
+                    None if contexts is None else contexts[span],
+                    max_new_tokens,
+                )
+            )
+        return out
+
+
+def _pad_entries(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-question entry lists -> memory [B, N_max, T, d] and entry mask [B, N_max]."""
+    n = max(1, max(len(r) for r in rows))
+    _, t, d = rows[0].shape
+    memory = rows[0].new_zeros(len(rows), n, t, d)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        memory[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return memory, mask

@@ -1,0 +1,349 @@
+"""Training MAC (METHODS §2): the answer-token NLL of the frozen base, given the question and the
+prefix aggregated over a memory that is the whole batch of documents (each question's own
+document plus the others as distractors).
+
+Backprop dropout: only a fraction of the batch's documents is amortized with gradient; the rest
+are encoded without it and serve as distractors, which keeps the memory large at a fraction of
+the activation memory and time. The checkpoint with the best validation loss is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.data import Document
+from adaptation.mac.amortizer import pad_batch, token_lists
+from adaptation.mac.bank import MemoryBank
+from adaptation.mac.injection import prefix_logits
+from adaptation.mac.networks import MacConfig, MacNetworks
+from adaptation.mac.system import MacSystem
+from adaptation.metrics import score
+from adaptation.modeling import load_base
+from adaptation.prompts import qa_example
+from adaptation.updater import weighted_lm_loss
+
+
+@dataclass(frozen=True)
+class MacTrainConfig:
+    """Optimisation and network sizes. `time_limit_s` stops training early (keeping the best
+    checkpoint so far), so a run fits a wall-clock budget whatever the machine."""
+
+    epochs: int = 40
+    batch_docs: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    backprop_dropout: float = 0.25
+    grad_clip: float = 1.0
+    val_every: int = 0
+    time_limit_s: float | None = None
+    max_train_docs: int | None = None
+    max_val_docs: int | None = None
+    eval_questions: int = 240
+    seed: int = 0
+    width: int = 256
+    layers: int = 2
+    query_layers: int = 2
+    heads: int = 4
+    num_tokens: int = 16
+    max_length: int = 256
+    window: int = 32
+    chunk: int = 16
+    dropout: float = 0.0
+
+
+QUICK = MacTrainConfig(
+    epochs=6,
+    batch_docs=8,
+    lr=1e-3,
+    warmup_steps=5,
+    time_limit_s=100.0,
+    max_train_docs=64,
+    max_val_docs=16,
+    eval_questions=24,
+    width=64,
+    layers=1,
+    query_layers=1,
+    num_tokens=8,
+    max_length=128,
+    window=8,
+    chunk=4,
+)
+
+
+@dataclass
+class MacTrainReport:
+    out_dir: str
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    first_train_loss: float | None = None
+    last_train_loss: float | None = None
+    val_loss_untrained: float | None = None
+    val_loss_no_memory: float | None = None
+    best_val_loss: float | None = None
+    best_step: int = 0
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    f1_no_memory: float | None = None
+    f1_batch_memory: float | None = None
+    f1_full_memory: float | None = None
+    full_memory_entries: int = 0
+    config: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _QA:
+    question_tokens: list[int]
+    lm_tokens: list[int]
+    prompt_length: int
+
+
+@dataclass(frozen=True)
+class _Doc:
+    tokens: list[int]
+    qas: tuple[_QA, ...]
+
+
+def _prepare(
+    docs: Sequence[Document], tokenizer: PreTrainedTokenizerBase, config: MacConfig
+) -> list[_Doc]:
+    out = []
+    doc_tokens = token_lists(tokenizer, [d.text for d in docs], config.amortizer.max_length)
+    for doc, tokens in zip(docs, doc_tokens):
+        qas = []
+        for qa in doc.questions:
+            if not qa.answers:
+                continue
+            prompt, completion = qa_example(qa.question, qa.answers[0])
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            q = token_lists(tokenizer, [qa.question], config.question.max_length)[0]
+            qas.append(_QA(q, p + c, len(p)))
+        out.append(_Doc(tokens, tuple(qas)))
+    return out
+
+
+def _lm_batch(
+    qas: Sequence[_QA], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt+answer ids, mask, and loss weights that are 1 on answer tokens only."""
+    length = max(len(q.lm_tokens) for q in qas)
+    ids = torch.full((len(qas), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(qas), length), dtype=torch.long)
+    weights = torch.zeros((len(qas), length))
+    for i, qa in enumerate(qas):
+        start = length - len(qa.lm_tokens)
+        ids[i, start:] = torch.tensor(qa.lm_tokens)
+        mask[i, start:] = 1
+        weights[i, start + qa.prompt_length :] = 1.0
+    return ids.to(device), mask.to(device), weights.to(device)
+
+
+def batch_loss(
+    networks: MacNetworks,
+    base: PreTrainedModel,
+    batch: Sequence[_Doc],
+    pad_id: int,
+    grad_docs: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Answer NLL of every question in the batch, the memory being all the batch's documents.
+    `grad_docs`: which documents are amortized with gradient (None: all)."""
+    device = next(base.parameters()).device
+    ids, mask = pad_batch([d.tokens for d in batch], pad_id, device)
+    if grad_docs is None:
+        memory = networks.modulate(ids, mask)
+    else:
+        chosen = set(grad_docs)
+        with_grad = torch.tensor(sorted(chosen), dtype=torch.long, device=device)
+        rest = torch.tensor(
+            [i for i in range(len(batch)) if i not in chosen], dtype=torch.long, device=device
+        )
+        with torch.no_grad():
+            frozen = networks.modulate(ids[rest], mask[rest]) if len(rest) else None
+        live = networks.modulate(ids[with_grad], mask[with_grad])
+        memory = live.new_empty(len(batch), *live.shape[1:])
+        memory = memory.index_copy(0, with_grad, live)
+        if frozen is not None:
+            memory = memory.index_copy(0, rest, frozen)
+    qas = [qa for d in batch for qa in d.qas]
+    q_ids, q_mask = pad_batch([qa.question_tokens for qa in qas], pad_id, device)
+    prefix = networks.prefix(q_ids, q_mask, memory[None])
+    lm_ids, lm_mask, weights = _lm_batch(qas, pad_id, device)
+    logits = prefix_logits(base, prefix, lm_ids, lm_mask)
+    return weighted_lm_loss(logits, lm_ids, weights, lm_mask, normalisation="weights")
+
+
+@torch.no_grad()
+def _no_memory_loss(base: PreTrainedModel, batches: Sequence[Sequence[_Doc]], pad_id: int) -> float:
+    device = next(base.parameters()).device
+    losses = []
+    for batch in batches:
+        lm_ids, lm_mask, weights = _lm_batch([qa for d in batch for qa in d.qas], pad_id, device)
+        logits = prefix_logits(base, None, lm_ids, lm_mask)
+        losses.append(float(weighted_lm_loss(logits, lm_ids, weights, lm_mask, "weights")))
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _val_loss(
+    networks: MacNetworks, base: PreTrainedModel, batches: Sequence[Sequence[_Doc]], pad_id: int
+) -> float:
+    networks.eval()
+    losses = [float(batch_loss(networks, base, b, pad_id)) for b in batches]
+    networks.train()
+    return sum(losses) / len(losses)
+
+
+def _batches(docs: Sequence[_Doc], size: int, rng: random.Random | None) -> list[list[_Doc]]:
+    order = list(docs)
+    if rng is not None:
+        rng.shuffle(order)
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    return [b for b in out if any(d.qas for d in b)]
+
+
+def _answer_f1(
+    system: MacSystem, docs: Sequence[Document], limit: int, batch_docs: int | None
+) -> tuple[float, float, int]:
+    """(F1 with no memory, F1 with the memory, memory entries). `batch_docs` None: the memory
+    is all `docs`; otherwise each question sees only its batch of `batch_docs` documents."""
+    system.bank = MemoryBank(system.bank.num_tokens, system.bank.width)
+    system.ingest_many([(d.id, d.text) for d in docs])
+    questions, golds, doc_ids = [], [], []
+    for start in range(0, len(docs), batch_docs or len(docs)):
+        group = [d.id for d in docs[start : start + (batch_docs or len(docs))]]
+        for d in docs[start : start + (batch_docs or len(docs))]:
+            for qa in d.questions:
+                questions.append(qa.question)
+                golds.append(list(qa.answers))
+                doc_ids.append(group)
+    questions, golds, doc_ids = questions[:limit], golds[:limit], doc_ids[:limit]
+    with_memory = system.answer(questions, doc_ids=doc_ids if batch_docs else None)
+    without = system.answer(questions, doc_ids=[[] for _ in questions])
+    return score(without, golds)["f1"], score(with_memory, golds)["f1"], len(system.bank)
+
+
+def train_mac(
+    base_dir: str | os.PathLike[str],
+    train_docs: Sequence[Document],
+    val_docs: Sequence[Document],
+    out_dir: str | os.PathLike[str],
+    config: MacTrainConfig | None = None,
+    device: str | None = None,
+) -> MacTrainReport:
+    """Train MAC networks for the base at `base_dir`; the best checkpoint is saved to `out_dir`
+    as a MacSystem directory (empty bank) plus training.json."""
+    cfg = config or MacTrainConfig()
+    started = time.monotonic()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    base, tok = load_base(base_dir, device=device)
+    base.requires_grad_(False)
+    pad_id = int(tok.pad_token_id)
+    mac_config = MacConfig.for_base(
+        base,
+        len(tok),
+        width=cfg.width,
+        layers=cfg.layers,
+        query_layers=cfg.query_layers,
+        heads=cfg.heads,
+        num_tokens=cfg.num_tokens,
+        max_length=cfg.max_length,
+        window=cfg.window,
+        chunk=cfg.chunk,
+        dropout=cfg.dropout,
+    )
+    networks = MacNetworks(mac_config).to(base.device).train()
+    train_docs = list(train_docs)[: cfg.max_train_docs]
+    val_docs = list(val_docs)[: cfg.max_val_docs]
+    train = _prepare(train_docs, tok, mac_config)
+    val_batches = _batches(_prepare(val_docs, tok, mac_config), cfg.batch_docs, None)
+    if not any(d.qas for d in train) or not val_batches:
+        raise ValueError("MAC training needs documents with questions in both --train and --val")
+
+    steps_per_epoch = len(_batches(train, cfg.batch_docs, random.Random(0)))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    val_every = cfg.val_every or steps_per_epoch
+    optimizer = torch.optim.Adam(networks.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
+    )
+    report = MacTrainReport(out_dir=str(out_dir), config=asdict(cfg))
+    report.val_loss_no_memory = _no_memory_loss(base, val_batches, pad_id)
+    report.val_loss_untrained = _val_loss(networks, base, val_batches, pad_id)
+    best_state = copy.deepcopy(networks.state_dict())
+    report.best_val_loss = report.val_loss_untrained
+    system = MacSystem(networks, base, tok)
+    networks.train()
+
+    bar = tqdm(total=total, desc="meta-train mac", unit="step")
+    smoothed: float | None = None
+    step = 0
+    while step < total and not report.stopped_early:
+        for batch in _batches(train, cfg.batch_docs, rng):
+            n_grad = max(1, math.ceil(cfg.backprop_dropout * len(batch)))
+            grad_docs = rng.sample(range(len(batch)), n_grad)
+            loss = batch_loss(networks, base, batch, pad_id, grad_docs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            value = float(loss)
+            report.first_train_loss = report.first_train_loss if step > 1 else value
+            report.last_train_loss = value
+            smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+            bar.update(1)
+            if step % val_every == 0 or step == total:
+                val = _val_loss(networks, base, val_batches, pad_id)
+                report.val_history.append((step, val))
+                if val < report.best_val_loss:
+                    report.best_val_loss, report.best_step = val, step
+                    best_state = copy.deepcopy(networks.state_dict())
+                    system.save(out_dir)
+                bar.set_postfix(
+                    loss=f"{smoothed:.3f}", val=f"{val:.3f}", best=f"{report.best_val_loss:.3f}"
+                )
+            out_of_time = (
+                cfg.time_limit_s is not None and time.monotonic() - started > cfg.time_limit_s
+            )
+            if step >= total or out_of_time:
+                report.stopped_early = out_of_time and step < total
+                break
+    bar.close()
+    report.steps = step
+
+    networks.load_state_dict(best_state)
+    networks.eval()
+    system.save(out_dir)
+    if cfg.eval_questions:
+        report.f1_no_memory, report.f1_batch_memory, _ = _answer_f1(
+            system, val_docs, cfg.eval_questions, cfg.batch_docs
+        )
+        _, report.f1_full_memory, report.full_memory_entries = _answer_f1(
+            system, val_docs, cfg.eval_questions, None
+        )
+    report.seconds = time.monotonic() - started
+    Path(out_dir, "training.json").write_text(json.dumps(asdict(report), indent=2), "utf-8")
+    return report
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,340 @@
+"""The HTTP API (FastAPI). OpenAPI at /docs.
+
+Writes go through Redis, so when Redis is down they return 503; answering needs only the loaded
+model, so it keeps working (the version it reports is the last one loaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.adapters import AdapterStore
+from service.documents import DocumentStore, IdConflict
+from service.engine import ServingEngine
+from service.keys import Keys
+from service.metrics import ApiMetrics
+from service.queue import Queue
+from service.redis_conn import connect
+from service.schemas import (
+    ID_PATTERN,
+    AdaptersOut,
+    AnswerIn,
+    AnswerOut,
+    DocumentAccepted,
+    DocumentBatchIn,
+    DocumentIn,
+    DocumentOut,
+    DocumentsAccepted,
+    DocumentsIn,
+    Health,
+    ManifestOut,
+    Namespace,
+    Problem,
+    StatusOut,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL_SECONDS = 0.1
+_REDIS_DOWN = "Redis is unreachable, so nothing can be queued or looked up right now; retry shortly"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+    docs: DocumentStore
+    queue: Queue
+    store: AdapterStore
+    engine: ServingEngine
+    metrics: ApiMetrics
+
+    @classmethod
+    def start(cls, settings: Settings) -> Services:
+        client = connect(settings)
+        keys = Keys(settings.redis_prefix)
+        store = AdapterStore(settings.adapters_dir())
+        metrics = ApiMetrics(client, keys)
+        engine = ServingEngine(
+            settings,
+            client,
+            keys,
+            store,
+            on_switch=lambda ns, v: metrics.serving_version.labels(ns).set(v),
+        )
+        engine.start()
+        return cls(
+            settings,
+            client,
+            keys,
+            DocumentStore(client, keys),
+            Queue(client, keys),
+            store,
+            engine,
+            metrics,
+        )
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.redis.close()
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem} for code in codes}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await run_in_threadpool(Services.start, settings)
+        yield
+        await run_in_threadpool(app.state.services.close)
+
+    app = FastAPI(
+        title="uptake",
+        version="0.1.0",
+        summary="Keeps a language model's knowledge current: documents in, answers out.",
+        lifespan=lifespan,
+    )
+    max_body = settings.max_doc_chars * settings.max_batch * 4 + (1 << 20)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            return JSONResponse(
+                status_code=413,
+                content={
+                    "detail": f"request body of {int(length):,} bytes is over the limit of "
+                    f"{max_body:,}; send fewer or smaller documents"
+                },
+            )
+        return await call_next(request)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("%s %s: Redis error: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=503, content={"detail": f"{_REDIS_DOWN} ({exc})"})
+
+    def services(request: Request) -> Services:
+        return request.app.state.services
+
+    @app.post(
+        "/v1/documents",
+        status_code=202,
+        response_model=DocumentAccepted | DocumentsAccepted,
+        responses=_problems(409, 413, 503),
+        summary="Queue one document, or a batch as {documents: [...]}",
+    )
+    def post_documents(
+        request: Request, body: Annotated[DocumentsIn, Body()]
+    ) -> DocumentAccepted | DocumentsAccepted:
+        s = services(request)
+        batch = body.documents if isinstance(body, DocumentBatchIn) else [body]
+        if len(batch) > settings.max_batch:
+            raise HTTPException(
+                413,
+                f"a batch of {len(batch)} documents is over the limit of {settings.max_batch} "
+                "(UPTAKE_MAX_BATCH); send it in parts",
+            )
+        for i, doc in enumerate(batch):
+            if len(doc.text) > settings.max_doc_chars:
+                where = f"document {i}" if isinstance(body, DocumentBatchIn) else "the document"
+                raise HTTPException(
+                    413,
+                    f"{where} has {len(doc.text):,} characters, over the limit of "
+                    f"{settings.max_doc_chars:,} (UPTAKE_MAX_DOC_CHARS); split it into parts",
+                )
+        accepted = [_submit(s.docs, doc) for doc in batch]
+        return (
+            DocumentsAccepted(documents=accepted)
+            if isinstance(body, DocumentBatchIn)
+            else accepted[0]
+        )
+
+    @app.get(
+        "/v1/documents/{doc_id}",
+        response_model=DocumentOut,
+        responses=_problems(404, 503),
+        summary="A document's status: queued, applied (with its adapter version), failed or dead",
+    )
+    def get_document(
+        request: Request, doc_id: Annotated[str, Path(pattern=ID_PATTERN)]
+    ) -> DocumentOut:
+        record = services(request).docs.get(doc_id)
+        if record is None:
+            raise HTTPException(
+                404, f"no document with id {doc_id!r}; ids come from POST /v1/documents"
+            )
+        return DocumentOut(
+            id=record.id,
+            namespace=record.namespace,
+            status=record.status,
+            adapter_version=record.adapter_version,
+            error=record.error,
+            attempts=record.attempts,
+            source=record.source,
+            metadata=record.metadata,
+            created=record.created,
+            updated=record.updated,
+        )
+
+    @app.post(
+        "/v1/answer",
+        response_model=AnswerOut,
+        responses=_problems(404, 409, 422, 503, 504),
+        summary="Answer a question from the newest knowledge; wait_for gives read-your-writes",
+    )
+    async def answer(request: Request, body: AnswerIn) -> AnswerOut:
+        s = services(request)
+        _require_model(s.engine)
+        if body.wait_for:
+            await _wait_applied(s, body)
+        started = time.perf_counter()
+        text, version = await run_in_threadpool(
+            s.engine.answer, body.question, body.namespace, body.max_new_tokens
+        )
+        seconds = time.perf_counter() - started
+        s.metrics.answer_seconds.labels(body.namespace).observe(seconds)
+        return AnswerOut(
+            answer=text,
+            adapter_version=version,
+            namespace=body.namespace,
+            latency_ms=round(seconds * 1000, 3),
+        )
+
+    @app.get("/v1/adapters", response_model=AdaptersOut, summary="Adapter versions and manifests")
+    def adapters(
+        request: Request, namespace: Annotated[Namespace, Query()] = "default"
+    ) -> AdaptersOut:
+        s = services(request)
+        versions = [ManifestOut(**m.to_json()) for m in s.store.manifests(namespace)]
+        return AdaptersOut(
+            namespace=namespace, serving_version=s.engine.version(namespace), versions=versions
+        )
+
+    @app.get(
+        "/v1/status",
+        response_model=StatusOut,
+        responses=_problems(503),
+        summary="Queue depth, dead letters, versions and documents applied",
+    )
+    def status(request: Request, namespace: Annotated[Namespace, Query()] = "default") -> StatusOut:
+        s = services(request)
+        depth = s.queue.depth(namespace)
+        published = int(s.redis.get(s.keys.version(namespace)) or 0)
+        latest = s.store.latest(namespace)
+        applied = s.store.manifest(namespace, latest).lineage_size if latest else 0
+        return StatusOut(
+            namespace=namespace,
+            queue_length=depth.length,
+            pending=depth.pending,
+            dead_letters=depth.dead,
+            published_version=published,
+            serving_version=s.engine.version(namespace),
+            documents_applied=applied,
+            model=settings.model,
+            mode=settings.mode,
+            strategy=settings.strategy,
+        )
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        responses={503: {"model": Health}},
+        summary="Readiness: the model is loaded and Redis answers",
+    )
+    def readyz(request: Request) -> Response:
+        s = services(request)
+        reasons = []
+        if not s.engine.ready:
+            reasons.append(s.engine.error or "the model is still loading")
+        try:
+            s.redis.ping()
+        except redis.RedisError as exc:
+            reasons.append(f"Redis is unreachable ({exc})")
+        health = Health(status="not ready" if reasons else "ready", reasons=reasons)
+        return JSONResponse(status_code=503 if reasons else 200, content=health.model_dump())
+
+    @app.get(
+        "/metrics", summary="Prometheus metrics", responses={200: {"content": {"text/plain": {}}}}
+    )
+    def metrics(request: Request) -> Response:
+        return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _submit(docs: DocumentStore, doc: DocumentIn) -> DocumentAccepted:
+    try:
+        sub = docs.submit(doc.text, doc.namespace, doc.id, doc.source, doc.metadata)
+    except IdConflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return DocumentAccepted(id=sub.id, status=sub.status, namespace=sub.namespace)
+
+
+def _require_model(engine: ServingEngine) -> None:
+    if not engine.ready:
+        raise HTTPException(
+            503, engine.error or "the model is still loading; retry shortly (see /readyz)"
+        )
+
+
+async def _wait_applied(s: Services, body: AnswerIn) -> None:
+    """Return once every document in wait_for is in the version this replica serves."""
+    deadline = time.monotonic() + body.timeout_s
+    while True:
+        records = await run_in_threadpool(s.docs.statuses, body.wait_for)
+        unknown = [i for i, r in records.items() if r is None]
+        if unknown:
+            raise HTTPException(404, f"wait_for names unknown document ids: {', '.join(unknown)}")
+        elsewhere = [i for i, r in records.items() if r.namespace != body.namespace]
+        if elsewhere:
+            raise HTTPException(
+                422,
+                f"wait_for documents {', '.join(elsewhere)} belong to another namespace "
+                f"than {body.namespace!r}",
+            )
+        dead = [f"{i} ({r.error})" for i, r in records.items() if r.status == "dead"]
+        if dead:
+            raise HTTPException(
+                409,
+                f"these documents were dead-lettered and will never be applied: {'; '.join(dead)}",
+            )
+        needed = max((r.adapter_version or 0) for r in records.values())
+        waiting = {i: r for i, r in records.items() if r.status != "applied"}
+        serving = s.engine.version(body.namespace)
+        if not waiting and serving >= needed:
+            return
+        if time.monotonic() >= deadline:
+            parts = [
+                f"{i} ({r.status}{': ' + r.error if r.error else ''})" for i, r in waiting.items()
+            ]
+            if not parts:
+                parts = [f"version {needed} is published but this replica still serves {serving}"]
+            raise HTTPException(
+                504,
+                f"not applied within timeout_s={body.timeout_s:g}: {', '.join(parts)}. "
+                "Retry with a longer timeout_s, or check GET /v1/documents/{id}",
+            )
+        await asyncio.sleep(WAIT_POLL_SECONDS)

@@ -1,0 +1,148 @@
+"""The serving engine: one base model, each namespace's newest adapter, hot-swapped.
+
+A background thread polls Redis for published versions. A new version is checked against its
+checksum, loaded under a fresh adapter name and switched to while holding the same lock that
+generation holds, then the old adapter is deleted. So an answer never sees a half-loaded adapter,
+and every answer reports the version it came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.answering import generate_answers
+from adaptation.modeling import load_base
+from service.adapters import AdapterStore, published_versions
+from service.keys import Keys
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServingEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        keys: Keys,
+        store: AdapterStore,
+        on_switch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = client
+        self.keys = keys
+        self.store = store
+        self.on_switch = on_switch
+        self.error: str | None = None
+        self._base: PreTrainedModel | None = None
+        self._peft: PeftModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._adapters: dict[str, tuple[int, str]] = {}  # namespace -> (version, adapter name)
+        self._rejected: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._base is not None
+
+    def start(self) -> None:
+        """Load the model and follow published versions, in the background."""
+        self._thread = threading.Thread(target=self._run, name="uptake-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def load(self) -> None:
+        model, tokenizer = load_base(self.settings.model, self.settings.device)
+        model.requires_grad_(False)
+        self._tokenizer = tokenizer
+        self._base = model
+        log.info("engine: model %s loaded on %s", self.settings.model, model.device)
+
+    def version(self, namespace: str) -> int:
+        return self._adapters.get(namespace, (0, ""))[0]
+
+    def versions(self) -> dict[str, int]:
+        return {ns: v for ns, (v, _) in self._adapters.items()}
+
+    def refresh(self) -> None:
+        """Load any newly published version (a no-op when nothing changed)."""
+        for ns, version in published_versions(self.redis, self.keys).items():
+            if version != self.version(ns) and (ns, version) not in self._rejected:
+                self._switch(ns, version)
+
+    def answer(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        if self._base is None or self._tokenizer is None:
+            raise RuntimeError("the model is not loaded yet")
+        with self._lock:
+            version, name = self._adapters.get(namespace, (0, ""))
+            model = self._peft if self._peft is not None else self._base
+            model.eval()
+            if name:
+                self._peft.set_adapter(name)
+                answers = generate_answers(
+                    model, self._tokenizer, [question], max_new_tokens=max_new_tokens
+                )
+            elif self._peft is not None:
+                with self._peft.disable_adapter():
+                    answers = generate_answers(
+                        model, self._tokenizer, [question], max_new_tokens=max_new_tokens
+                    )
+            else:
+                answers = generate_answers(
+                    model, self._tokenizer, [question], max_new_tokens=max_new_tokens
+                )
+        return answers[0], version
+
+    def _run(self) -> None:
+        try:
+            self.load()
+        except Exception as exc:  # surfaced through /readyz rather than a dead thread
+            log.exception("engine: could not load %s", self.settings.model)
+            self.error = f"could not load model {self.settings.model}: {exc}"
+            return
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except redis.RedisError as exc:
+                log.debug("engine: Redis unreachable (%s); serving what is loaded", exc)
+            self._stop.wait(self.settings.poll_seconds)
+
+    def _switch(self, namespace: str, version: int) -> None:
+        name = ""
+        if version:
+            path = self.store.path(namespace, version)
+            if not self.store.verify(namespace, version):
+                log.error(
+                    "engine: %s fails its checksum or is missing; keeping version %d",
+                    path,
+                    self.version(namespace),
+                )
+                self._rejected.add((namespace, version))
+                return
+            name = f"{namespace}-v{version}"
+        with self._lock:
+            if name and self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
+            elif name:
+                self._peft.load_adapter(str(path), adapter_name=name)
+            _, old = self._adapters.get(namespace, (0, ""))
+            self._adapters[namespace] = (version, name)
+            if old and self._peft is not None:
+                self._peft.delete_adapter(old)
+            if self._peft is not None:
+                self._peft.eval()
+        log.info("engine: %s now serves version %d", namespace, version)
+        if self.on_switch is not None:
+            self.on_switch(namespace, version)

@@ -1,0 +1,157 @@
+"""Request and response bodies of the HTTP API. Validation messages are written for people."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from service.settings import NAMESPACE_PATTERN
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_NEW_TOKENS = 512
+Namespace = Annotated[
+    str,
+    Field(pattern=NAMESPACE_PATTERN, description="letters, digits, '_' or '-' (1-64)"),
+]
+DocStatus = Literal["queued", "applied", "failed", "dead"]
+
+
+def _utf8(value: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8 ({exc.reason}); send UTF-8 text") from exc
+    return value
+
+
+def _content(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} is empty or only whitespace; send some text")
+    return _utf8(value, what)
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, pattern=r"\S", description="the document's content")
+    id: str | None = Field(
+        default=None, pattern=ID_PATTERN, description="defaults to a hash of text and namespace"
+    )
+    source: str | None = Field(default=None, max_length=2048)
+    namespace: Namespace = "default"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text(cls, value: object) -> object:
+        return _content(value, "text") if isinstance(value, str) else value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        return _utf8(value, "source") if value is not None else None
+
+
+class DocumentBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+def _body_kind(value: object) -> str:
+    return "batch" if isinstance(value, dict) and "documents" in value else "single"
+
+
+DocumentsIn = Annotated[
+    Annotated[DocumentIn, Tag("single")] | Annotated[DocumentBatchIn, Tag("batch")],
+    Discriminator(_body_kind),
+]
+
+
+class DocumentAccepted(BaseModel):
+    id: str
+    status: DocStatus
+    namespace: str
+
+
+class DocumentsAccepted(BaseModel):
+    documents: list[DocumentAccepted]
+
+
+class DocumentOut(BaseModel):
+    id: str
+    namespace: str
+    status: DocStatus
+    adapter_version: int | None = None
+    error: str | None = None
+    attempts: int
+    source: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created: float
+    updated: float
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=4000, pattern=r"\S")
+    namespace: Namespace = "default"
+    max_new_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+    wait_for: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="document ids the answer must already reflect (read-your-writes)",
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long to wait_for")
+
+    @field_validator("question", mode="before")
+    @classmethod
+    def _question(cls, value: object) -> object:
+        return _content(value, "question") if isinstance(value, str) else value
+
+
+class AnswerOut(BaseModel):
+    answer: str
+    adapter_version: int
+    namespace: str
+    latency_ms: float
+
+
+class ManifestOut(BaseModel):
+    version: int
+    parent: int
+    namespace: str
+    doc_ids: list[str]
+    lineage_size: int
+    created: float
+    checksum: str
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdaptersOut(BaseModel):
+    namespace: str
+    serving_version: int
+    versions: list[ManifestOut]
+
+
+class StatusOut(BaseModel):
+    namespace: str
+    queue_length: int = Field(description="documents not yet acknowledged (waiting + in flight)")
+    pending: int = Field(description="documents delivered to a worker, not yet acknowledged")
+    dead_letters: int
+    published_version: int
+    serving_version: int
+    documents_applied: int = Field(description="documents in the lineage of the newest snapshot")
+    model: str
+    mode: str
+    strategy: str
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+    reasons: list[str] = Field(default_factory=list)

