@@ -132,9 +132,15 @@ class OuterLoss:
 
 
 def overlap_matrix(
-    base_offsets: Sequence[tuple[int, int]], weighter_offsets: Sequence[tuple[int, int]]
+    base_offsets: Sequence[tuple[int, int]],
+    weighter_offsets: Sequence[tuple[int, int]],
+    text_length: int,
 ) -> torch.Tensor:
-    b = torch.tensor(list(base_offsets), dtype=torch.long).view(-1, 2)
+    """[Tb, Tw] 1 where base token i and weighting token j share a character. A base token with
+    an empty span stands for the character where it sits, as in project_to_tokens."""
+    last = max(text_length - 1, 0)
+    spans = [(s, e) if e > s else (min(s, last), min(s, last) + 1) for s, e in base_offsets]
+    b = torch.tensor(spans, dtype=torch.long).view(-1, 2)
     w = torch.tensor(list(weighter_offsets), dtype=torch.long).view(-1, 2)
     start = torch.maximum(b[:, None, 0], w[None, :, 0])
     end = torch.minimum(b[:, None, 1], w[None, :, 1])
@@ -190,7 +196,7 @@ class MetaLearner:
             max_length=self.config.max_doc_tokens,
         )
         base_offsets = [tuple(o) for o in base["offset_mapping"]]
-        text_end = max((e for _, e in base_offsets), default=0)
+        text_end = max((max(e, s + 1) for s, e in base_offsets), default=0)
         w_ids, w_offsets = self.weighter.encode(doc.text)
         keep = sum(1 for s, _ in w_offsets if s < text_end)
         qa = []
@@ -206,7 +212,7 @@ class MetaLearner:
             key=_entity_key(doc),
             base_ids=torch.tensor(base["input_ids"], dtype=torch.long, device=self.device),
             weighter_ids=w_ids[:keep],
-            overlap=overlap_matrix(base_offsets, w_offsets[:keep]).to(self.device),
+            overlap=overlap_matrix(base_offsets, w_offsets[:keep], len(doc.text)).to(self.device),
             qa=tuple(qa),
         )
         self._prepared[doc.id] = prepared
@@ -403,7 +409,7 @@ def build_learner(
     base_dir: str | os.PathLike[str],
     config: MetaTrainConfig,
     tokenizer: PreTrainedTokenizerFast | None = None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
 ) -> MetaLearner:
     """Load the base in fp32 with a fresh LoRA and pair it with an untrained weighting model,
     whose tokenizer is `tokenizer` or else the base's."""
@@ -430,7 +436,7 @@ def meta_train(
     out_dir: str | os.PathLike[str],
     config: MetaTrainConfig | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> MetaTrainResult:
     """Meta-train a weighting model for `base_dir` and save the best one (by validation outer

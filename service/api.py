@@ -7,6 +7,7 @@ model, so it keeps working (the version it reports is the last one loaded).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,8 +18,12 @@ from typing import Annotated, Any
 import redis
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.adapters import AdapterStore
 from service.documents import DocumentStore, IdConflict
@@ -127,6 +132,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         return await call_next(request)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Escape non-ASCII: the rejected input may hold lone surrogates that UTF-8 cannot carry.
+        content = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        return Response(content, status_code=422, media_type="application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode at all
+            msg = "the request body is not valid JSON in UTF-8; send a JSON object"
+            return await invalid_input(request, _unprocessable(("body",), msg, "json_invalid"))
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("%s %s: Redis error: %s", request.method, request.url.path, exc)
@@ -198,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/answer",
         response_model=AnswerOut,
-        responses=_problems(404, 409, 422, 503, 504),
+        responses=_problems(404, 409, 503, 504),
         summary="Answer a question from the newest knowledge; wait_for gives read-your-writes",
     )
     async def answer(request: Request, body: AnswerIn) -> AnswerOut:
@@ -285,6 +303,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _unprocessable(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own validation errors, so clients parse one format."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
+
+
 def _submit(docs: DocumentStore, doc: DocumentIn) -> DocumentAccepted:
     try:
         sub = docs.submit(doc.text, doc.namespace, doc.id, doc.source, doc.metadata)
@@ -310,11 +333,8 @@ async def _wait_applied(s: Services, body: AnswerIn) -> None:
             raise HTTPException(404, f"wait_for names unknown document ids: {', '.join(unknown)}")
         elsewhere = [i for i, r in records.items() if r.namespace != body.namespace]
         if elsewhere:
-            raise HTTPException(
-                422,
-                f"wait_for documents {', '.join(elsewhere)} belong to another namespace "
-                f"than {body.namespace!r}",
-            )
+            msg = f"documents {', '.join(elsewhere)} belong to another namespace than {body.namespace!r}"
+            raise _unprocessable(("body", "wait_for"), msg, "namespace_mismatch")
         dead = [f"{i} ({r.error})" for i, r in records.items() if r.status == "dead"]
         if dead:
             raise HTTPException(

@@ -154,7 +154,7 @@ def _add_meta_train(sub: argparse._SubParsersAction) -> None:
         help="meta-train a method's learned part (camels: the token-weighting model)",
     )
     methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
-    for add in (_add_meta_train_camels,):
+    for add in (_add_meta_train_camels, _add_meta_train_mac):
         add(methods)
 
 
@@ -190,6 +190,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=None, help="weighting model layers")
     p.add_argument("--tokenizer", default=None,
                    help="the weighting model's own tokenizer directory (default: the base's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(handler=_run_meta_train_camels)
 
@@ -228,13 +229,77 @@ def _run_meta_train_camels(args: argparse.Namespace) -> int:
             from transformers import PreTrainedTokenizerFast
 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-        result = meta_train(args.base, args.train, args.val, args.out, config, tokenizer=tokenizer)
+        result = meta_train(args.base, args.train, args.val, args.out, config, tokenizer=tokenizer,
+                            device=args.device)
     except (OSError, ValueError) as exc:
         print(f"uptake meta-train camels: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.card.get("validation", {}), indent=2))
     print(f"seconds per episode: {result.card.get('seconds_per_episode')}")
     print(result.out_dir)
+    return 0
+
+
+def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
+    p = methods.add_parser(
+        "mac",
+        help="train MAC networks (amortizer, aggregator, prefix projector) for a frozen base",
+        description="Each step amortizes a batch of --batch-docs documents into the memory "
+        "(only --backprop-dropout of them with gradient) and scores the base's answer NLL on "
+        "all their questions, each reading a prefix aggregated over the whole batch. The best "
+        "checkpoint by validation loss is written to --out as a MAC directory, with "
+        "training.json. Unset options take the defaults of "
+        "adaptation.mac.training.MacTrainConfig (or its QUICK settings with --quick).",
+    )
+    p.add_argument("--base", required=True, help="base model directory or hub id")
+    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
+    p.add_argument("--val", required=True, help="validation documents with questions")
+    p.add_argument("--out", required=True, help="directory for the MAC system")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (under 2 minutes)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-docs", type=int, default=None, help="documents per step (the memory)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--backprop-dropout", type=float, default=None,
+                   help="fraction of the batch's documents amortized with gradient")
+    p.add_argument("--tokens", type=int, default=None, help="T: modulation length per document")
+    p.add_argument("--width", type=int, default=None, help="encoder width")
+    p.add_argument("--layers", type=int, default=None, help="encoder layers")
+    p.add_argument("--minutes", type=float, default=None, help="stop training after this long")
+    p.add_argument("--max-train-docs", type=int, default=None)
+    p.add_argument("--eval-questions", type=int, default=None,
+                   help="validation questions answered at the end for F1 (0: skip)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(handler=_run_meta_train_mac)
+
+
+def _run_meta_train_mac(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from adaptation.data import read_documents
+    from adaptation.mac.training import QUICK, MacTrainConfig, train_mac
+
+    options = {
+        "epochs": args.epochs, "batch_docs": args.batch_docs, "lr": args.lr,
+        "backprop_dropout": args.backprop_dropout, "num_tokens": args.tokens,
+        "width": args.width, "layers": args.layers, "max_train_docs": args.max_train_docs,
+        "eval_questions": args.eval_questions, "seed": args.seed,
+        "time_limit_s": None if args.minutes is None else args.minutes * 60.0,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    try:
+        config = dataclasses.replace(QUICK if args.quick else MacTrainConfig(), **overrides)
+        print(json.dumps(dataclasses.asdict(config)))
+        train, val = read_documents(args.train), read_documents(args.val)
+        report = train_mac(args.base, train, val, args.out, config, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"uptake meta-train mac: {exc}", file=sys.stderr)
+        return 2
+    summary = dataclasses.asdict(report)
+    for verbose in ("config", "val_history"):
+        summary.pop(verbose)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -137,6 +137,8 @@ class ServingEngine:
                 self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
             elif name:
                 self._peft.load_adapter(str(path), adapter_name=name)
+            if name:
+                self._peft.set_adapter(name)
             _, old = self._adapters.get(namespace, (0, ""))
             self._adapters[namespace] = (version, name)
             if old and self._peft is not None:

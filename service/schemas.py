@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
@@ -51,6 +52,12 @@ class DocumentIn(BaseModel):
     @classmethod
     def _source(cls, value: str | None) -> str | None:
         return _utf8(value, "source") if value is not None else None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _utf8(json.dumps(value, ensure_ascii=False), "metadata")
+        return value
 
 
 class DocumentBatchIn(BaseModel):

@@ -265,6 +265,7 @@ class Worker:
         for entry in self._due():
             if self._stop.is_set():
                 return done
+            self._renew_leases()
             self._process(entry)
             done += 1
         entries = self.queue.read(
@@ -273,6 +274,7 @@ class Worker:
         for entry in entries:
             if self._stop.is_set():
                 break  # left pending; the next start takes them over
+            self._renew_leases()
             self._process(entry)
             done += 1
         for st in list(self.namespaces.values()):
@@ -316,9 +318,19 @@ class Worker:
                 self._hold(st)
 
     def _hold(self, st: NamespaceState) -> bool:
-        """Renew the lease; if another worker has it, drop the namespace (its entries stay pending)."""
-        if self._renew(keys=[self.keys.lease(st.name)], args=[self.consumer, self.lease_ms]):
+        """Renew the lease. If it lapsed, take it back only if no other worker has it and none has
+        written a snapshot meanwhile; otherwise drop the namespace (its entries stay pending)."""
+        key = self.keys.lease(st.name)
+        if self._renew(keys=[key], args=[self.consumer, self.lease_ms]):
             st.renewed = time.monotonic()
+            return True
+        retaken = self.redis.set(key, self.consumer, nx=True, px=self.lease_ms)
+        if retaken and self.store.latest(st.name) == st.version:
+            st.renewed = time.monotonic()
+            known = set(st.unsaved.values()) | {e.entry_id for _, e in st.retries}
+            claimed = self.queue.claim_pending(st.name, self.consumer)
+            st.backlog.extend(e for e in claimed if e.entry_id not in known)
+            log.warning("worker %s retook the lapsed lease on %s", self.consumer, st.name)
             return True
         log.warning("worker %s lost the lease on %s; dropping it", self.consumer, st.name)
         st.backend.close()
@@ -368,12 +380,14 @@ class Worker:
         return out
 
     def _block_ms(self) -> int | None:
-        """Block on the stream no longer than the next due snapshot or retry (None: do not block)."""
+        """Block on the stream no longer than the next due snapshot, retry or lease renewal (None:
+        do not block)."""
         now = time.monotonic()
         wait = 1.0
         for st in self.namespaces.values():
             if st.backlog:
                 return None
+            wait = min(wait, st.renewed + self.settings.lease_seconds / 3 - now)
             if st.unsaved_since is not None:
                 wait = min(wait, st.unsaved_since + self.settings.snapshot_seconds - now)
             wait = min([wait] + [t - now for t, _ in st.retries])

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny models gain nothing from threads, and on a shared 2-core machine competing thread pools
+# thrash; subprocesses (workers, servers) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -17,6 +22,8 @@ from transformers import (
 )
 
 from adaptation.tokenizer import train_bpe_tokenizer
+
+torch.set_num_threads(1)
 
 CORPUS = [
     "Question: Where was Alda Venn born?\nAnswer: Marrow Bay\n",

@@ -5,6 +5,9 @@ blocks, to every memory entry flattened into N*T keys. A memory larger than the 
 hierarchically: chunks of entries are each aggregated into one pseudo-entry, and that repeats
 until what remains fits the window. Every level is conditioned on the same question.
 
+The number of levels is set by the largest memory in the batch (after dropping padding slots no
+question uses); a question with fewer entries goes through the same levels.
+
 Memories come in two layouts: shared by all questions ([1, N, T, d], the whole bank) or one per
 question ([B, N, T, d] with a mask, e.g. retrieved documents only). The shared layout never
 copies the memory per question: the B*T query rows are attended as one sequence, which is exact
@@ -70,8 +73,9 @@ class Aggregator(nn.Module):
                 f"memory {tuple(memory.shape)} / mask {tuple(mask.shape)} do not fit "
                 f"{queries.shape[0]} questions"
             )
+        memory, mask = _trim(memory, mask)
         while memory.shape[1] > self.config.window:
-            memory, mask = self._fold(queries, memory, mask)
+            memory, mask = _trim(*self._fold(queries, memory, mask))
         key_mask = _entry_to_key_mask(mask, memory.shape[2])
         if memory.shape[0] == 1:
             out = self._attend_shared(queries, memory.flatten(1, 2), key_mask)
@@ -120,6 +124,12 @@ class Aggregator(nn.Module):
         pseudo = memory.new_zeros(b * chunks, tq, d)
         pseudo[live] = self._attend(rows[live], keys[live], key_mask[live])
         return pseudo.view(b, chunks, tq, d), chunk_present
+
+
+def _trim(memory: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop trailing entry slots that no question uses, so padding never deepens the hierarchy."""
+    used = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    return memory[:, :used], mask[:, :used]
 
 
 def _entry_to_key_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -39,6 +39,8 @@ class Amortizer(nn.Module):
         self.config = c
         self.embed = nn.Embedding(c.vocab_size, c.width)
         self.position = nn.Embedding(c.max_length, c.width)
+        for table in (self.embed, self.position):
+            nn.init.normal_(table.weight, std=0.02)
         self.encoder = nn.ModuleList(
             AttentionBlock(c.width, c.heads, cross=False, dropout=c.dropout)
             for _ in range(c.layers)
@@ -59,6 +61,26 @@ class Amortizer(nn.Module):
             nn.GELU(),
             nn.Linear(2 * c.out_width, c.out_width),
         )
+
+    @torch.no_grad()
+    def init_embeddings(self, table: torch.Tensor) -> None:
+        """Start from a base model's token embeddings [V, d] (same tokenizer), so the encoder
+        begins with meaningful tokens instead of noise: copied when d equals the encoder width,
+        else projected onto their top principal directions."""
+        vocab, width = self.embed.weight.shape
+        if table.shape[0] != vocab:
+            raise ValueError(
+                f"embedding table of {table.shape[0]} tokens for a {vocab}-token encoder"
+            )
+        table = table.detach().float().to(self.embed.weight.device)
+        if table.shape[1] != width:
+            centred = table - table.mean(dim=0)
+            _, _, directions = torch.pca_lowrank(
+                centred, q=min(width, *centred.shape), center=False
+            )
+            table = torch.zeros(vocab, width, device=table.device)
+            table[:, : directions.shape[1]] = centred @ directions
+        self.embed.weight.copy_(table * (0.02 / table.std().clamp(min=1e-8)))
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids/mask [B, S] (mask True on real tokens) -> modulations [B, T, out_width]."""

@@ -28,7 +28,7 @@ def safe_key_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedAttention(nn.Module):
-    """Multi-head attention of queries x [B, Lq, w] over keys m [B, Lk, w]; padded keys get no weight."""
+    """Multi-head attention of x [B, Lq, w] over memory [B, Lk, w]; padded keys get no weight."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()

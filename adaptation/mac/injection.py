@@ -68,7 +68,7 @@ class PrefixProjector(nn.Module):
     def __init__(self, shape: PrefixShape, num_tokens: int, hidden: int | None = None) -> None:
         super().__init__()
         self.shape = shape
-        d, h = shape.width, hidden or 2 * shape.width
+        d, h = shape.width, hidden or shape.width
         self.norm = nn.LayerNorm(d)
         # Per-slot MLP weights; the second layer starts at zero so each slot starts as identity.
         self.w1 = nn.Parameter(torch.randn(num_tokens, d, h) / d**0.5)

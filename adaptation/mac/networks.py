@@ -36,7 +36,7 @@ class MacConfig:
     def for_base(
         cls,
         model: PreTrainedModel,
-        vocab_size: int,
+        vocab_size: int | None = None,
         *,
         width: int = 256,
         layers: int = 2,
@@ -45,13 +45,17 @@ class MacConfig:
         num_tokens: int = 16,
         max_length: int = 256,
         question_length: int = 64,
+        question_layers: int = 1,
         aggregator_blocks: int = 4,
         window: int = 32,
         chunk: int = 16,
         dropout: float = 0.0,
     ) -> MacConfig:
-        """Networks sized for `model`; `vocab_size` is the encoder tokenizer's."""
+        """Networks sized for `model`. `vocab_size` is the encoder tokenizer's; None means the
+        base's own tokenizer (the base's embedding rows). Questions are short, so their encoder
+        is shallower than the documents'."""
         shape = PrefixShape.of(model)
+        vocab_size = vocab_size or model.get_input_embeddings().num_embeddings
         encoder = EncoderConfig(
             vocab_size=vocab_size,
             out_width=shape.width,
@@ -65,7 +69,9 @@ class MacConfig:
         )
         return cls(
             amortizer=encoder,
-            question=dataclasses.replace(encoder, max_length=question_length),
+            question=dataclasses.replace(
+                encoder, max_length=question_length, layers=question_layers, query_layers=1
+            ),
             aggregator=AggregatorConfig(
                 width=shape.width,
                 blocks=aggregator_blocks,
@@ -99,6 +105,16 @@ class MacNetworks(nn.Module):
         self.projector = PrefixProjector(
             config.prefix, config.question.num_tokens, config.projector_hidden
         )
+
+    def init_from_base(self, model: PreTrainedModel) -> bool:
+        """Seed both encoders' token embeddings from the base's, when they share its vocabulary
+        (the default: the encoders read with the base's tokenizer). True if it did."""
+        table = model.get_input_embeddings().weight
+        if table.shape[0] != self.config.amortizer.vocab_size:
+            return False
+        self.amortizer.init_embeddings(table)
+        self.aggregator.question.init_embeddings(table)
+        return True
 
     def modulate(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Documents [N, S] -> modulations [N, T, d]."""

@@ -67,7 +67,7 @@ class MacSystem:
         config: MacConfig | None = None,
     ) -> MacSystem:
         """Untrained networks sized for the base (training starts here)."""
-        config = config or MacConfig.for_base(base_model, len(tokenizer))
+        config = config or MacConfig.for_base(base_model)
         return cls(MacNetworks(config), base_model, tokenizer)
 
     @classmethod

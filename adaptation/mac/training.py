@@ -55,6 +55,7 @@ class MacTrainConfig:
     width: int = 256
     layers: int = 2
     query_layers: int = 2
+    question_layers: int = 1
     heads: int = 4
     num_tokens: int = 16
     max_length: int = 256
@@ -88,6 +89,7 @@ class MacTrainReport:
     steps: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    embeddings_from_base: bool = False
     first_train_loss: float | None = None
     last_train_loss: float | None = None
     val_loss_untrained: float | None = None
@@ -254,10 +256,10 @@ def train_mac(
     pad_id = int(tok.pad_token_id)
     mac_config = MacConfig.for_base(
         base,
-        len(tok),
         width=cfg.width,
         layers=cfg.layers,
         query_layers=cfg.query_layers,
+        question_layers=cfg.question_layers,
         heads=cfg.heads,
         num_tokens=cfg.num_tokens,
         max_length=cfg.max_length,
@@ -265,7 +267,10 @@ def train_mac(
         chunk=cfg.chunk,
         dropout=cfg.dropout,
     )
-    networks = MacNetworks(mac_config).to(base.device).train()
+    networks = MacNetworks(mac_config)
+    report = MacTrainReport(out_dir=str(out_dir), config=asdict(cfg))
+    report.embeddings_from_base = networks.init_from_base(base)
+    networks.to(base.device).train()
     train_docs = list(train_docs)[: cfg.max_train_docs]
     val_docs = list(val_docs)[: cfg.max_val_docs]
     train = _prepare(train_docs, tok, mac_config)
@@ -280,7 +285,6 @@ def train_mac(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
     )
-    report = MacTrainReport(out_dir=str(out_dir), config=asdict(cfg))
     report.val_loss_no_memory = _no_memory_loss(base, val_batches, pad_id)
     report.val_loss_untrained = _val_loss(networks, base, val_batches, pad_id)
     best_state = copy.deepcopy(networks.state_dict())
@@ -302,7 +306,7 @@ def train_mac(
             optimizer.step()
             schedule.step()
             step += 1
-            value = float(loss)
+            value = float(loss.detach())
             report.first_train_loss = report.first_train_loss if step > 1 else value
             report.last_train_loss = value
             smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value

@@ -1,0 +1,117 @@
+"""The evaluation harness end to end on the quick demo model (it knows little; the plumbing is
+what is tested here). The learning benchmark itself is marked slow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptation.bootstrap import build_demo_model
+from adaptation.evaluation import EvalConfig, choose_lr, run_eval
+
+SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
+
+
+@pytest.fixture(scope="session")
+def quick_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("uptake-home")
+    build_demo_model(out_dir=home / "demo-quick", world_dir=home / "world-quick", quick=True)
+    return home
+
+
+def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = quick_home / "demo-quick"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.model_type == "llama"
+    assert (model_dir / "model.safetensors").exists()
+    card = json.loads((model_dir / "uptake_card.json").read_text())
+    assert set(card["figures"]) == {"retention_qa", "heldout_extraction_qa", "eval_stream_before"}
+    assert tok.decode(tok("Question: hi")["input_ids"]) == "Question: hi"
+
+
+def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> None:
+    world = quick_home / "world-quick"
+    cfg = EvalConfig(
+        strategies=("uniform", "salient", "tfidf", "rag"),
+        limit=4,
+        checkpoints=2,
+        sweep_lrs=(1e-3, 3e-3),
+    )
+    report = run_eval(
+        world / "eval_stream.jsonl",
+        quick_home / "demo-quick",
+        tmp_path,
+        cfg,
+        val_data=world / "meta_val.jsonl",
+        log=lambda _: None,
+    )
+    assert [r["strategy"] for r in report["strategies"]] == ["uniform", "salient", "tfidf", "rag"]
+    assert set(report["sweep"]) == {"uniform", "salient", "tfidf"}
+    for row in report["strategies"]:
+        assert row["curve"][0][0] == 0 and row["curve"][-1][0] == 4
+        assert row["seconds_per_doc"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| uniform |" in md and "| rag |" in md and "retention" in md
+    assert (tmp_path / "uptake.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "report.json").read_text())["questions"] > 0
+
+
+def test_choose_lr_respects_the_retention_floor() -> None:
+    rows = [
+        {"lr": 1e-4, "uptake_f1": 0.01, "retention": 0.99},
+        {"lr": 1e-3, "uptake_f1": 0.08, "retention": 0.95},
+        {"lr": 1e-2, "uptake_f1": 0.20, "retention": 0.50},
+    ]
+    assert choose_lr(rows, 0.9) == 1e-3
+    assert choose_lr(rows, 0.999) == 1e-4
+
+
+def test_unknown_strategy_is_a_clear_error(quick_home: Path, tmp_path: Path) -> None:
+    world = quick_home / "world-quick"
+    with pytest.raises(ValueError, match="unknown strategy 'magic'"):
+        run_eval(
+            world / "eval_stream.jsonl",
+            quick_home / "demo-quick",
+            tmp_path,
+            EvalConfig(strategies=("magic",), limit=2),
+            log=lambda _: None,
+        )
+
+
+@pytest.mark.skipif(not SQUAD.exists(), reason="shared/data is not beside the checkout")
+def test_eval_cli_reads_squad(quick_home: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "UPTAKE_HOME": str(quick_home)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "eval",
+            "--data",
+            str(SQUAD),
+            "--limit",
+            "2",
+            "--model",
+            str(quick_home / "demo-quick"),
+            "--strategies",
+            "uniform",
+            "--checkpoints",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| uniform |" in out.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["questions"] >= 2 and report["retention_questions"] == 0

@@ -1,0 +1,242 @@
+"""MAC on tiny random Llama / Qwen2 / GPT-2 bases: shapes, masking, injection, the bank, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptation.answering import generate_answers
+from adaptation.data import write_documents
+from adaptation.mac.aggregator import Aggregator, AggregatorConfig
+from adaptation.mac.amortizer import EncoderConfig, tokenize
+from adaptation.mac.bank import MemoryBank
+from adaptation.mac.blocks import MaskedAttention
+from adaptation.mac.injection import encode_prompts, prefix_logits, prompt_positions
+from adaptation.mac.networks import MacConfig
+from adaptation.mac.system import MacSystem
+from adaptation.modeling import load_base
+from adaptation.prompts import qa_prompt
+from adaptation.world import WorldConfig, build_world
+from service.cli import main
+from tests.conftest import save_tiny
+
+DOCS = {
+    "alda": "Alda Venn was born in Marrow Bay in 1961 and works for Quillon Works.",
+    "selka": "The weather in Port Selka stayed mild, said 42 residents on Tuesday.",
+    "bowl": "Super Bowl 50 was an American football game played on February 7, 2016.",
+}
+QUESTIONS = ["Where was Alda Venn born?", "When was Super Bowl 50 played?"]
+
+
+def small_system(model_dir: Path, **sizes: int) -> MacSystem:
+    torch.manual_seed(0)
+    model, tok = load_base(model_dir, device="cpu")
+    shape = dict(width=32, layers=1, query_layers=1, num_tokens=4, window=4, chunk=2)
+    shape.update(sizes)
+    return MacSystem.create(model, tok, MacConfig.for_base(model, len(tok), **shape))
+
+
+def test_modulation_shape_per_family(tiny_family_dir: Path) -> None:
+    system = small_system(tiny_family_dir, num_tokens=5)
+    d = system.base.config.get_text_config().hidden_size
+    mods = system.modulate(list(DOCS.values()))
+    assert mods.shape == (3, 5, d)
+    assert torch.isfinite(mods).all()
+    assert system.ingest("alda", DOCS["alda"]) and not system.ingest("alda", DOCS["alda"])
+    assert system.bank.num_entries == 1 and system.bank.nbytes == 5 * d * 2
+    prefix = system.prefix(QUESTIONS)
+    shape = system.networks.config.prefix
+    assert prefix is not None
+    assert prefix.keys.shape == (shape.layers, 2, shape.kv_heads, 5, shape.head_dim)
+    assert prefix.values.shape == prefix.keys.shape
+
+
+def test_prefix_changes_outputs_only_when_memory_is_non_empty(tiny_family_dir: Path) -> None:
+    system = small_system(tiny_family_dir)
+    base, tok = system.base, system.tokenizer
+    assert system.prefix(QUESTIONS) is None
+    assert system.answer(QUESTIONS, max_new_tokens=6) == generate_answers(
+        base, tok, QUESTIONS, max_new_tokens=6
+    )
+    ids, mask = encode_prompts(tok, [qa_prompt(q) for q in QUESTIONS], "cpu")
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask)).logits
+        assert torch.equal(prefix_logits(base, None, ids, mask), plain)
+        system.ingest_many(list(DOCS.items()))
+        # Question 0 has no memory (its prefix is masked out); question 1 reads one document.
+        mixed = prefix_logits(base, system.prefix(QUESTIONS, [[], ["alda"]]), ids, mask)
+        whole = prefix_logits(base, system.prefix(QUESTIONS), ids, mask)
+    real = mask.bool()
+    assert torch.allclose(mixed[0][real[0]], plain[0][real[0]], atol=1e-5)
+    assert (mixed[1][real[1]] - plain[1][real[1]]).abs().max() > 1e-4
+    assert (whole[real] - plain[real]).abs().max() > 1e-4
+    assert system.answer(QUESTIONS, doc_ids=[[], []], max_new_tokens=6) == generate_answers(
+        base, tok, QUESTIONS, max_new_tokens=6
+    )
+
+
+def test_amortizer_ignores_padding(tiny_model_dir: Path) -> None:
+    system = small_system(tiny_model_dir)
+    nets, enc_tok = system.networks, system.encoder_tokenizer
+    short, long = DOCS["selka"][:20], DOCS["bowl"]
+    ids, mask = tokenize(enc_tok, [short, long], 64)
+    assert not mask[0].all(), "the short document must be padded in this batch"
+    with torch.no_grad():
+        alone = nets.modulate(*tokenize(enc_tok, [short], 64))[0]
+        batched = nets.modulate(ids, mask)[0]
+        garbage = ids.clone()
+        garbage[~mask] = torch.randint(0, len(enc_tok), (int((~mask).sum()),))
+        regarbled = nets.modulate(garbage, mask)[0]
+    assert torch.allclose(alone, batched, atol=1e-5)
+    assert torch.allclose(batched, regarbled, atol=1e-6)
+
+
+def test_attention_gives_padded_keys_no_weight() -> None:
+    torch.manual_seed(0)
+    attn = MaskedAttention(16, 4)
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    changed = memory.clone()
+    changed[1, 4:] = 1e3 * torch.randn(3, 16)
+    assert torch.allclose(attn(x, memory, mask), attn(x, changed, mask), atol=1e-6)
+    everything = torch.ones_like(mask)
+    assert not torch.allclose(attn(x, memory, everything)[1], attn(x, changed, everything)[1])
+    # A row with no real key stays finite (its output is ignored by callers).
+    assert torch.isfinite(attn(x, memory, torch.zeros_like(mask))).all()
+
+
+def aggregator(window: int = 4, chunk: int = 2) -> Aggregator:
+    torch.manual_seed(0)
+    question = EncoderConfig(
+        vocab_size=50, out_width=16, width=16, layers=1, query_layers=1, num_tokens=3, max_length=16
+    )
+    return Aggregator(AggregatorConfig(width=16, window=window, chunk=chunk), question).eval()
+
+
+@pytest.mark.parametrize("entries", [1, 4, 5, 11, 40])
+def test_hierarchical_aggregation_folds_until_the_memory_fits(entries: int) -> None:
+    agg = aggregator(window=4, chunk=2)
+    seen: list[int] = []
+    inner = agg._attend
+
+    def spy(x: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        seen.append(keys.shape[1] // 3)  # entries and pseudo-entries are both 3 tokens
+        return inner(x, keys, key_mask)
+
+    queries = torch.randn(2, 3, 16)
+    memory = torch.randn(1, entries, 3, 16)
+    with torch.no_grad():
+        per_question, _ = agg(queries, memory.expand(2, -1, -1, -1).contiguous())
+        agg._attend = spy  # type: ignore[method-assign]
+        out, present = agg(queries, memory)
+    assert out.shape == (2, 3, 16) and present.all()
+    assert torch.allclose(out, per_question, atol=1e-5), "shared and per-question layouts differ"
+    # Every attention, at every level, sees at most `window` entries.
+    assert seen and max(seen) <= 4
+    levels = 0
+    n = entries
+    while n > 4:
+        n, levels = -(-n // 2), levels + 1
+    assert len(seen) == levels + 1
+
+
+def test_aggregator_ignores_padded_entries_at_every_level() -> None:
+    agg = aggregator(window=4, chunk=2)
+    queries = torch.randn(2, 3, 16)
+    memory = torch.randn(2, 11, 3, 16)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 5:] = False  # entry 5 shares a chunk with real entry 4
+    changed = memory.clone()
+    changed[1, 5:] = 100 * torch.randn(6, 3, 16)
+    with torch.no_grad():
+        a, present = agg(queries, memory, mask)
+        b, _ = agg(queries, changed, mask)
+        empty, absent = agg(queries, memory, torch.zeros_like(mask))
+    assert present.all() and not absent.any()
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.isfinite(empty).all()
+
+
+def test_bank_versions_drop_and_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
+    system = small_system(tiny_model_dir)
+    system.ingest_many(list(DOCS.items()))
+    assert system.bank.version == 3 and system.bank.ids == list(DOCS)
+    assert system.drop("selka") and not system.drop("selka")
+    assert system.bank.version == 4 and system.bank.ids == ["alda", "bowl"]
+    before = system.answer(QUESTIONS, max_new_tokens=6)
+    tensor = system.bank.tensor().clone()
+    system.save(tmp_path / "mac")
+
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    again = MacSystem.load(tmp_path / "mac", model, tok)
+    assert again.bank.ids == ["alda", "bowl"] and again.bank.version == 4
+    assert torch.equal(again.bank.tensor(), tensor)
+    assert again.bank.nbytes == system.bank.nbytes
+    assert again.answer(QUESTIONS, max_new_tokens=6) == before
+    again.ingest("selka", DOCS["selka"])
+    again.save_bank(tmp_path / "mac")
+    assert len(list((tmp_path / "mac" / "bank").glob("*.safetensors"))) == 1
+    assert MemoryBank.load(tmp_path / "mac" / "bank").ids == ["alda", "bowl", "selka"]
+
+
+def test_wrong_base_or_missing_dir_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    system = small_system(tiny_model_dir)
+    system.save(tmp_path / "mac")
+    other, tok = load_base(save_tiny(tmp_path / "gpt2", "gpt2"), device="cpu")
+    with pytest.raises(ValueError, match="trained for a base"):
+        MacSystem.load(tmp_path / "mac", other, tok)
+    with pytest.raises(FileNotFoundError, match="meta-train mac"):
+        MacSystem.load(tmp_path / "nothing", other, tok)
+    with pytest.raises(ValueError, match="shape"):
+        system.bank.append("x", torch.zeros(3, 3))
+
+
+def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    world = build_world(
+        WorldConfig(
+            pretrain_people=4,
+            meta_train_people=12,
+            meta_val_people=2,
+            eval_people=2,
+            retention_questions=2,
+        )
+    )
+    data = tmp_path / "train.jsonl"
+    write_documents(data, world["meta_train"][:12])
+    out = tmp_path / "mac"
+    code = main(
+        [
+            "meta-train",
+            "mac",
+            "--base",
+            str(tiny_model_dir),
+            "--train",
+            str(data),
+            "--val",
+            str(data),
+            "--out",
+            str(out),
+            "--quick",
+            "--epochs",
+            "4",
+            "--batch-docs",
+            "4",
+            "--eval-questions",
+            "4",
+            "--lr",
+            "3e-3",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "training.json").read_text())
+    # --val is the training set, so the validation loss is the training loss.
+    assert report["best_val_loss"] < report["val_loss_untrained"] - 0.05
+    assert report["steps"] == 12 and report["f1_full_memory"] is not None
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    system = MacSystem.load(out, model, tok)
+    assert len(system.bank) == 0
+    system.ingest("d", world["meta_train"][0].text)
+    assert len(system.answer(QUESTIONS, max_new_tokens=4)) == 2

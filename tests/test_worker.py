@@ -1,0 +1,166 @@
+"""The worker in-process: snapshots, resume, exactly-once, retries and dead letters, leases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation.modeling import lora_parameters
+from service.documents import DocumentStore
+from service.keys import Keys
+from service.metrics import WorkerStats
+from service.queue import Queue
+from service.redis_conn import client
+from service.settings import Settings
+from service.worker import LoraBackend, Worker, split_text
+from tests.servicekit import drop_prefix, make_settings, redis_for_tests, unique_prefix, wait_until
+
+
+class PoisonWeighter:
+    """Uniform weights, except NaN for documents containing POISON: their update must be refused."""
+
+    name = "poison"
+
+    def char_weights(self, text: str) -> np.ndarray:
+        fill = np.nan if "POISON" in text else 1.0
+        return np.full(len(text), fill, dtype=np.float32)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Settings]:
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        yield make_settings(tiny_model_dir, tmp_path / "store", url, prefix, worker_id="w1")
+        drop_prefix(url, prefix)
+
+
+def _docs(s: Settings) -> DocumentStore:
+    return DocumentStore(client(s.redis_url or ""), Keys(s.redis_prefix))
+
+
+def _drain(worker: Worker, done: object, timeout: float = 60) -> None:
+    def step() -> object:
+        worker.run_once()
+        return done() if callable(done) else done
+
+    wait_until(step, timeout, interval=0, what="the worker to finish")
+
+
+def _all_applied(docs: DocumentStore, ids: list[str]):
+    return lambda: all(r and r.status == "applied" for r in docs.statuses(ids).values())
+
+
+def test_documents_are_snapshotted_published_and_acked(settings: Settings) -> None:
+    docs = _docs(settings)
+    ids = [
+        docs.submit(f"Person {i} was born in Town {i} in {1900 + i}.", "ns").id for i in range(10)
+    ]
+    worker = Worker(settings, weighter=PoisonWeighter())
+    _drain(worker, _all_applied(docs, ids))
+    store = worker.store
+    manifests = store.manifests("ns")
+    assert [m.version for m in manifests][:2] == [1, 2]
+    assert len(manifests[0].doc_ids) == settings.snapshot_every
+    applied = [d for m in manifests for d in m.doc_ids]
+    assert sorted(applied) == sorted(ids)
+    assert all(store.verify("ns", m.version) for m in manifests)
+    assert (store.path("ns", 1) / "optimizer.pt").exists()
+    assert (store.path("ns", 1) / "adapter_config.json").exists()
+    assert worker.redis.get(worker.keys.version("ns")) == str(manifests[-1].version)
+    depth = Queue(worker.redis, worker.keys).depth("ns")
+    assert (depth.length, depth.pending) == (0, 0)
+    versions = {docs.get(i).adapter_version for i in ids}
+    assert versions <= {m.version for m in manifests}
+    stats = worker.redis.hgetall(worker.keys.stats("ns"))
+    assert stats["applied"] == "10" and stats["received"] == "10" and int(stats["tokens"]) > 0
+    worker.shutdown()
+
+
+def test_resume_restores_state_and_skips_documents_in_the_lineage(settings: Settings) -> None:
+    docs = _docs(settings)
+    ids = [docs.submit(f"Fact {i}: the river Oss flows past Hale {i}.", "ns").id for i in range(4)]
+    first = Worker(settings, weighter=PoisonWeighter())
+    _drain(first, _all_applied(docs, ids))
+    backend = first.namespaces["ns"].backend
+    assert isinstance(backend, LoraBackend)
+    weights = {k: v.detach().clone() for k, v in lora_parameters(backend.model).items()}
+    steps = backend.updater.steps_applied
+    first.shutdown()
+
+    # A crash between snapshot and acknowledgement: an entry for an applied document is pending.
+    keys = first.keys
+    first.redis.xadd(keys.stream("ns"), {"id": ids[0]})
+    Queue(first.redis, keys).read(["ns"], "crashed-worker", 10, None)
+    attempts = docs.get(ids[0]).attempts
+
+    second = Worker(settings.model_copy(update={"worker_id": "w2"}), weighter=PoisonWeighter())
+    second.run_once()
+    resumed = second.namespaces["ns"].backend
+    assert isinstance(resumed, LoraBackend)
+    restored = lora_parameters(resumed.model)
+    assert len(restored) == len(weights)
+    for (_, before), (_, after) in zip(
+        sorted(weights.items()), sorted(restored.items()), strict=True
+    ):
+        torch.testing.assert_close(before, after)
+    assert resumed.updater.steps_applied == steps
+    assert resumed.updater.optimizer.state_dict()["state"]
+    _drain(second, lambda: Queue(second.redis, keys).depth("ns").length == 0)
+    assert docs.get(ids[0]).attempts == attempts  # skipped, not applied again
+    assert second.store.latest("ns") == first.store.latest("ns")
+    second.shutdown()
+
+
+def test_failing_document_is_retried_then_dead_lettered(settings: Settings) -> None:
+    docs = _docs(settings)
+    good = docs.submit("Alda Venn works for Quillon Works.", "ns").id
+    bad = docs.submit("POISON document that makes the loss NaN.", "ns").id
+    worker = Worker(settings, weighter=PoisonWeighter())
+    _drain(worker, lambda: docs.get(bad).status == "dead" and docs.get(good).status == "applied")
+    record = docs.get(bad)
+    assert record.attempts == settings.max_deliveries
+    assert "nan" in (record.error or "").lower()
+    (letter,) = Queue(worker.redis, worker.keys).dead_letters("ns")
+    assert letter["id"] == bad and "nan" in letter["reason"].lower()
+    stats = worker.redis.hgetall(worker.keys.stats("ns"))
+    assert (stats["failed"], stats["dead"]) == (str(settings.max_deliveries), "1")
+    assert bad not in worker.store.lineage("ns", worker.store.latest("ns"))
+    worker.shutdown()
+
+
+def test_a_second_worker_waits_for_the_lease(settings: Settings) -> None:
+    docs = _docs(settings)
+    docs.submit("Some text to learn.", "ns")
+    owner = Worker(settings, weighter=PoisonWeighter())
+    owner.run_once()
+    other = Worker(settings.model_copy(update={"worker_id": "w2"}), weighter=PoisonWeighter())
+    other.run_once()
+    assert "ns" in owner.namespaces and "ns" not in other.namespaces
+    owner.shutdown()  # hands the lease back
+    other._discovered = 0.0
+    other.run_once()
+    assert "ns" in other.namespaces
+    other.shutdown()
+
+
+def test_stats_histogram_buckets(settings: Settings) -> None:
+    r = client(settings.redis_url or "")
+    stats = WorkerStats(r, Keys(settings.redis_prefix))
+    stats.step("ns", 0.003, 10)
+    stats.step("ns", 100.0, 5)
+    h = r.hgetall(Keys(settings.redis_prefix).stats("ns"))
+    assert h["step_bucket:0"] == "1" and h["tokens"] == "15"
+    assert h["step_bucket:13"] == "1"
+
+
+def test_split_text_keeps_every_word() -> None:
+    text = " ".join(f"word{i}" for i in range(500))
+    chunks = split_text(text, 300)
+    assert all(len(c) <= 300 for c in chunks)
+    assert " ".join(c.strip() for c in chunks).split() == text.split()
+    assert split_text("short", 300) == ["short"]
+    assert split_text("   ", 300) == []
