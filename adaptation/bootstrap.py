@@ -38,13 +38,14 @@ class DemoSpec:
     layers: int = 4
     heads: int = 4
     intermediate: int = 768
-    epochs: int = 14
+    epochs: int = 12
     lr: float = 3e-3
     doc_batch: int = 16
     qa_batch: int = 64
     max_len: int = 256
     world_people: int | None = None
-    context_share: float = 0.25
+    context_share: float = 0.1
+    monitor_every: int = 0
     seed: int = 0
 
 
@@ -143,9 +144,10 @@ def build_demo_model(
     variant: str = "demo",
     world_dir: Path | None = None,
     quick: bool = False,
+    spec: DemoSpec | None = None,
 ) -> Path:
     """Train the tokenizer and the model and save a standard HF directory with a model card."""
-    spec = SPECS["quick" if quick else variant]
+    spec = spec or SPECS["quick" if quick else variant]
     out = (
         Path(out_dir)
         if out_dir
@@ -210,6 +212,7 @@ def build_demo_model(
     bar = tqdm(
         total=total, desc=f"pretraining {variant if not quick else 'quick'} model", unit="step"
     )
+    epoch = 0
     for _ in range(spec.epochs):
         for batch in _make_batches(doc_ids, qa, spec, rng):
             ids, labels, mask = _batch(batch, tok.pad_token_id)
@@ -221,6 +224,13 @@ def build_demo_model(
             opt.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        epoch += 1
+        if spec.monitor_every and epoch % spec.monitor_every == 0:
+            model.eval()
+            f = evaluate_qa(model, tok, read_documents(world / "pretrain_heldout_qa.jsonl"), 150)
+            r = evaluate_qa(model, tok, read_documents(world / "retention_qa.jsonl"), 150)
+            bar.write(f"epoch {epoch}: retention F1 {r['f1']:.3f}, extraction F1 {f['f1']:.3f}")
+            model.train()
     bar.close()
     model.eval()
 

@@ -56,6 +56,7 @@ class EvalConfig:
     mac_path: str | None = None
     sweep_lrs: tuple[float, ...] = ()
     retention_floor: float = 0.9
+    retention_matrix: bool = False
     device: str | None = None
     lr_by_strategy: dict[str, float] = field(default_factory=dict)
 
@@ -173,6 +174,7 @@ class RunResult:
     seconds_per_doc: float
     answer_seconds_per_question: float
     curve: list[tuple[int, float]]
+    matrix: list[list[float | None]] = field(default_factory=list)
 
     @property
     def uptake_f1(self) -> float:
@@ -194,9 +196,15 @@ def stream_once(
     seed: int,
     lr: float | None,
     progress: bool = True,
+    matrix: bool = False,
 ) -> RunResult:
-    """Feed the stream once, scoring all stream questions at a few points along the way."""
+    """Feed the stream once, scoring all stream questions at a few points along the way.
+
+    With `matrix`, after every document j it also scores each earlier document i's questions:
+    the lower-triangular stream-retention matrix R[i][j].
+    """
     qas = all_questions(docs)
+    grid: list[list[float | None]] = [[None] * len(docs) for _ in docs] if matrix else []
     marks = (
         {round(len(docs) * (i + 1) / checkpoints) for i in range(checkpoints)}
         if checkpoints
@@ -212,6 +220,9 @@ def stream_once(
         t = time.perf_counter()
         method.ingest(doc)
         ingest_s += time.perf_counter() - t
+        if matrix:
+            for i, f1 in enumerate(_per_document_f1(method, docs[:n])):
+                grid[i][n - 1] = f1
         if n in marks:
             after = _score(method, qas)
             curve.append((n, after["f1"]))
@@ -229,7 +240,63 @@ def stream_once(
         seconds_per_doc=ingest_s / max(1, len(docs)),
         answer_seconds_per_question=answer_s,
         curve=curve,
+        matrix=grid,
     )
+
+
+def _per_document_f1(method: Method, docs: Sequence[Document]) -> list[float | None]:
+    """Mean F1 over each document's own questions (None for a document without questions)."""
+    qas = all_questions(docs)
+    preds = method.answer([q.question for q in qas]) if qas else []
+    out: list[float | None] = []
+    k = 0
+    for d in docs:
+        n = len(d.questions)
+        out.append(score(preds[k : k + n], [q.answers for q in d.questions])["f1"] if n else None)
+        k += n
+    return out
+
+
+def matrix_summary(grid: list[list[float | None]]) -> dict[str, float]:
+    """Backward transfer (mean change on a document's questions from right after it was read to
+    the end of the stream) and the end-of-stream F1 as a share of the right-after F1."""
+    last = len(grid) - 1
+    pairs = [
+        (row[i], row[last])
+        for i, row in enumerate(grid[:last])
+        if row[i] is not None and row[last] is not None
+    ]
+    if not pairs:
+        return {"backward_transfer": float("nan"), "kept_share": float("nan")}
+    right_after = statistics.fmean(a for a, _ in pairs)
+    at_end = statistics.fmean(b for _, b in pairs)
+    return {
+        "backward_transfer": at_end - right_after,
+        "right_after_f1": right_after,
+        "end_f1": at_end,
+        "kept_share": at_end / right_after if right_after > 0 else float("nan"),
+    }
+
+
+def plot_retention_matrices(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in report["strategies"] if r.get("matrix")]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in r["matrix"]])
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
+        bwt = r["matrix_summary"]["backward_transfer"]
+        ax.set_title(f"{r['strategy']} (BWT {bwt:+.3f})")
+        ax.set_xlabel("after document j")
+        ax.set_ylabel("questions of document i")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="F1")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def default_retention_file(data: Path) -> Path | None:
@@ -300,7 +367,15 @@ def run_eval(
             lr = cfg.lr_by_strategy.get(name, cfg.lr) if name in UPDATE_STRATEGIES else None
             method = make_method(name, model_dir, cfg, lr or cfg.lr, seed, corpus)
             r = stream_once(
-                method, docs, retention_qas, before, retention_before, cfg.checkpoints, seed, lr
+                method,
+                docs,
+                retention_qas,
+                before,
+                retention_before,
+                cfg.checkpoints,
+                seed,
+                lr,
+                matrix=cfg.retention_matrix and seed == cfg.seeds[0],
             )
             results.append(r)
             log(
@@ -361,6 +436,9 @@ def build_report(
                 "curve": rs[0].curve,
             }
         )
+        if rs[0].matrix:
+            rows[-1]["matrix"] = rs[0].matrix
+            rows[-1]["matrix_summary"] = matrix_summary(rs[0].matrix)
     cfg_json = asdict(cfg)
     return {
         "data": str(data),
@@ -400,6 +478,22 @@ def report_markdown(report: dict) -> str:
             f"{_pm(r['uptake_f1'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
             f"{_pm(r['retention'])} | {1000 * r['seconds_per_doc']:.1f} | {r['answer_ms']:.1f} |"
         )
+    with_matrix = [r for r in report["strategies"] if r.get("matrix")]
+    if with_matrix:
+        lines += [
+            "",
+            "## Stream retention (document i's questions after document j)",
+            "",
+            "| strategy | F1 right after reading | F1 at end of stream | backward transfer | kept |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in with_matrix:
+            m = r["matrix_summary"]
+            lines.append(
+                f"| {r['strategy']} | {m['right_after_f1']:.3f} | {m['end_f1']:.3f} | "
+                f"{m['backward_transfer']:+.3f} | {m['kept_share']:.2f} |"
+            )
+        lines += ["", "![retention matrices](retention_matrix.png)"]
     if report["sweep"]:
         lines += [
             "",
@@ -441,3 +535,5 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(report_markdown(report))
     plot_uptake(report, out / "uptake.png")
+    if any(r.get("matrix") for r in report["strategies"]):
+        plot_retention_matrices(report, out / "retention_matrix.png")

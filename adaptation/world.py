@@ -247,8 +247,10 @@ class WorldConfig:
     seed: int = 0
     places: int = 40
     orgs: int = 40
-    pretrain_people: int = 400
-    docs_per_person: int = 3
+    pretrain_people: int = 300
+    docs_per_person: int = 4
+    restate: int = 2
+    pretrain_question_templates: int = 3
     meta_train_people: int = 240
     meta_val_people: int = 60
     eval_people: int = 100
@@ -276,12 +278,18 @@ class Org:
 
 
 class _Namer:
-    """Makes unique pronounceable names; distractor names come from the same sounds but never
-    collide with an entity, so they are never asked about."""
+    """Makes unique pronounceable names. People are combinations of a first name and a surname
+    from fixed pools, as real names are: the pieces recur, so a tokenizer learns them, while each
+    combination is new. Distractor names come from the same pools but never collide with an
+    entity, so they are never asked about."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, first_names: int = 150, surnames: int = 200) -> None:
         self.rng = rng
         self.used: set[str] = set()
+        self.first = [
+            self.unique(lambda: self.word(self.rng.choice([1, 2]))) for _ in range(first_names)
+        ]
+        self.last = [self.unique(lambda: self.word(2)) for _ in range(surnames)]
 
     def word(self, syllables: int) -> str:
         parts = [self.rng.choice(ONSETS) + self.rng.choice(VOWELS) for _ in range(syllables)]
@@ -296,7 +304,7 @@ class _Namer:
         raise RuntimeError("name space exhausted; use fewer entities")
 
     def person(self) -> str:
-        return self.unique(lambda: f"{self.word(self.rng.choice([1, 2]))} {self.word(2)}")
+        return self.unique(lambda: f"{self.rng.choice(self.first)} {self.rng.choice(self.last)}")
 
     def place(self) -> str:
         return self.unique(
@@ -378,18 +386,29 @@ class World:
         return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
     def person_documents(
-        self, p: Person, n_docs: int, prefix: str, t0: date, n_facts: int = len(PERSON_FACTS)
+        self,
+        p: Person,
+        n_docs: int,
+        prefix: str,
+        t0: date,
+        n_facts: int = len(PERSON_FACTS),
+        restate: int = 1,
+        n_templates: int = 1,
     ) -> list[Document]:
-        """n_docs articles that between them state n_facts facts; then one article per change."""
+        """n_docs articles that between them state n_facts facts, each also restating `restate`
+        others (real coverage overlaps, and restatement is what makes facts extractable); then one
+        article per change. Each fact is asked in `n_templates` phrasings."""
         relations = list(PERSON_FACTS)
         self.rng.shuffle(relations)
         relations = sorted(relations[:n_facts], key=lambda r: r not in p.changes)
         groups: list[list[str]] = [[] for _ in range(n_docs)]
         for i, rel in enumerate(relations):
             groups[i % n_docs].append(rel)
-        if n_docs > 1:  # restate one more fact per article, as real coverage overlaps
+        if n_docs > 1:
             for g in groups:
-                g.append(self.rng.choice([r for r in relations if r not in g]))
+                others = [r for r in relations if r not in g]
+                g.extend(self.rng.sample(others, min(restate, len(others))))
+                self.rng.shuffle(g)
         docs: list[tuple[str, list[str], str | None]] = [
             (
                 self._article(
@@ -414,11 +433,12 @@ class World:
         for i, (text, _, _) in enumerate(docs):
             qs = tuple(
                 QA(
-                    self.rng.choice(PERSON_FACTS[r][1]).format(name=p.name),
+                    template.format(name=p.name),
                     (p.changes[r][1] if r in p.changes else p.facts[r],),
                 )
                 for r, j in sorted(last_doc.items())
                 if j == i
+                for template in self.rng.sample(PERSON_FACTS[r][1], n_templates)
             )
             out.append(
                 Document(
@@ -481,7 +501,14 @@ class World:
         for p in self.rng.sample(people, int(len(people) * cfg.change_fraction)):
             self.add_change(p)
         for i, p in enumerate(people):
-            docs = self.person_documents(p, cfg.docs_per_person, f"pre-{i}", date(2020, 1, 1))
+            docs = self.person_documents(
+                p,
+                cfg.docs_per_person,
+                f"pre-{i}",
+                date(2020, 1, 1),
+                restate=cfg.restate,
+                n_templates=cfg.pretrain_question_templates,
+            )
             if i % 2 == 0:
                 pretrain.extend(docs)
             else:  # docs-only half: its questions test extraction, never trained on

@@ -119,6 +119,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weighter", default=None, help="CaMeLS weighting model dir (for camels)")
     p.add_argument("--mac", default=None, help="trained MAC dir (for mac, mac+rag)")
     p.add_argument("--checkpoints", type=int, default=5, help="points on the uptake curve")
+    p.add_argument(
+        "--retention-matrix",
+        action="store_true",
+        help="after every document, score every earlier document's questions; draws the heat maps",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(handler=_run_eval)
 
@@ -141,6 +146,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         sweep_lrs=args.sweep_lrs,
         retention_floor=args.retention_floor,
         device=args.device,
+        retention_matrix=args.retention_matrix,
     )
     model = args.model or str(ensure_demo_model())
     report = run_eval(args.data, model, args.out, cfg, retention=args.retention, val_data=args.val)
@@ -264,7 +270,8 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help="T: modulation length per document")
     p.add_argument("--width", type=int, default=None, help="encoder width")
     p.add_argument("--layers", type=int, default=None, help="encoder layers")
-    p.add_argument("--minutes", type=float, default=None, help="stop training after this long")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop training after this long (a short F1 evaluation follows)")
     p.add_argument("--max-train-docs", type=int, default=None)
     p.add_argument("--eval-questions", type=int, default=None,
                    help="validation questions answered at the end for F1 (0: skip)")
@@ -293,7 +300,7 @@ def _run_meta_train_mac(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(config)))
         train, val = read_documents(args.train), read_documents(args.val)
         report = train_mac(args.base, train, val, args.out, config, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"uptake meta-train mac: {exc}", file=sys.stderr)
         return 2
     summary = dataclasses.asdict(report)

@@ -42,6 +42,7 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
         limit=4,
         checkpoints=2,
         sweep_lrs=(1e-3, 3e-3),
+        retention_matrix=True,
     )
     report = run_eval(
         world / "eval_stream.jsonl",
@@ -60,6 +61,13 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
     assert "| uniform |" in md and "| rag |" in md and "retention" in md
     assert (tmp_path / "uptake.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report.json").read_text())["questions"] > 0
+    grid = report["strategies"][0]["matrix"]
+    assert len(grid) == 4 and all(len(row) == 4 for row in grid)
+    for i, row in enumerate(grid):
+        assert all(v is None for v in row[:i]), "R[i][j] exists only once document i is read"
+        assert all(v is not None for v in row[i:])
+    assert "backward_transfer" in report["strategies"][0]["matrix_summary"]
+    assert (tmp_path / "retention_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_choose_lr_respects_the_retention_floor() -> None:
