@@ -39,6 +39,8 @@ class Method(Protocol):
 
     def answer(self, questions: Sequence[str]) -> list[str]: ...
 
+    def memory_bytes(self) -> int: ...
+
 
 @dataclass
 class EvalConfig:
@@ -81,6 +83,10 @@ class LoraMethod:
     def ingest(self, doc: Document) -> None:
         self.updater.apply([encode_weighted(doc.text, self.tokenizer, self.weighter)])
 
+    def memory_bytes(self) -> int:
+        """A fixed-size adapter: it does not grow with the stream."""
+        return sum(p.numel() * p.element_size() for p in self.updater.params)
+
     def answer(self, questions: Sequence[str]) -> list[str]:
         return generate_answers(
             self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
@@ -98,6 +104,10 @@ class BaseMethod:
 
     def ingest(self, doc: Document) -> None:
         return None
+
+    def memory_bytes(self) -> int:
+        """What the method keeps to answer from, beyond the base model."""
+        return 0
 
     def answer(self, questions: Sequence[str]) -> list[str]:
         return generate_answers(
@@ -120,6 +130,9 @@ class RagMethod(BaseMethod):
     def ingest(self, doc: Document) -> None:
         self.retriever.add(doc.id, doc.text)
 
+    def memory_bytes(self) -> int:
+        return self.retriever.nbytes
+
     def answer(self, questions: Sequence[str]) -> list[str]:
         contexts = [
             "\n".join(text for _, text, _ in self.retriever.search(q, self.k)) for q in questions
@@ -133,6 +146,58 @@ class RagMethod(BaseMethod):
         )
 
 
+class MacMethod(BaseMethod):
+    """MAC: each document becomes one modulation in a memory bank; no gradient at ingest."""
+
+    name = "mac"
+
+    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
+        from adaptation.mac.bank import MemoryBank
+        from adaptation.mac.system import MacSystem
+
+        super().__init__(model_dir, cfg)
+        self.system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
+        self.system.bank = MemoryBank(self.system.bank.num_tokens, self.system.bank.width)
+
+    def ingest(self, doc: Document) -> None:
+        self.system.ingest(doc.id, doc.text)
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        return self.system.answer(questions, max_new_tokens=self.max_new_tokens)
+
+    def memory_bytes(self) -> int:
+        return self.system.bank.nbytes
+
+
+class MacRagMethod(MacMethod):
+    """MAC over only the retrieved documents' modulations, with their text in context."""
+
+    name = "mac+rag"
+
+    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
+        from adaptation.retrieval import Retriever
+
+        super().__init__(model_dir, cfg)
+        self.retriever = Retriever()
+        self.k = cfg.rag_k
+
+    def ingest(self, doc: Document) -> None:
+        super().ingest(doc)
+        self.retriever.add(doc.id, doc.text)
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        hits = [self.retriever.search(q, self.k) for q in questions]
+        return self.system.answer(
+            questions,
+            contexts=["\n".join(text for _, text, _ in h) for h in hits],
+            doc_ids=[[doc_id for doc_id, _, _ in h] for h in hits],
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + self.retriever.nbytes
+
+
 def make_method(
     name: str, model_dir: str, cfg: EvalConfig, lr: float, seed: int, corpus: list[str]
 ) -> Method:
@@ -144,13 +209,11 @@ def make_method(
     if name == "rag":
         return RagMethod(model_dir, cfg)
     if name in ("mac", "mac+rag"):
-        from adaptation.mac.evaluation import make_mac_method
-
         if not cfg.mac_path:
             raise ValueError(
                 f"strategy {name!r} needs --mac DIR (a trained MAC from `uptake meta-train mac`)"
             )
-        return make_mac_method(name, model_dir, cfg.mac_path, cfg)
+        return MacMethod(model_dir, cfg) if name == "mac" else MacRagMethod(model_dir, cfg)
     known = ", ".join((*UPDATE_STRATEGIES, "rag", "mac", "mac+rag"))
     raise ValueError(f"unknown strategy {name!r}; choose from {known}")
 
@@ -174,6 +237,8 @@ class RunResult:
     seconds_per_doc: float
     answer_seconds_per_question: float
     curve: list[tuple[int, float]]
+    n_docs: int = 0
+    memory_bytes: int = 0
     matrix: list[list[float | None]] = field(default_factory=list)
 
     @property
@@ -240,6 +305,8 @@ def stream_once(
         seconds_per_doc=ingest_s / max(1, len(docs)),
         answer_seconds_per_question=answer_s,
         curve=curve,
+        n_docs=len(docs),
+        memory_bytes=method.memory_bytes(),
         matrix=grid,
     )
 
@@ -433,6 +500,8 @@ def build_report(
                 "retention": _mean_spread([r.retention for r in rs]),
                 "seconds_per_doc": statistics.fmean(r.seconds_per_doc for r in rs),
                 "answer_ms": 1000 * statistics.fmean(r.answer_seconds_per_question for r in rs),
+                "memory_bytes": rs[0].memory_bytes,
+                "bytes_per_doc": rs[0].memory_bytes / max(1, rs[0].n_docs),
                 "curve": rs[0].curve,
             }
         )
@@ -465,18 +534,21 @@ def report_markdown(report: dict) -> str:
         "",
         f"Model `{report['model']}`; {report['questions']} stream questions, "
         f"{report['retention_questions']} retention questions. Uptake = F1 after − F1 before; "
-        "retention = retention F1 after / before. ± is the standard deviation over seeds.",
+        "retention = retention F1 after / before. ± is the standard deviation over seeds. "
+        "State bytes / doc is what the method keeps beyond the base, over the stream's length "
+        "(for LoRA a fixed-size adapter, so it shrinks as the stream grows).",
         "",
         "| strategy | lr | F1 before | F1 after | uptake F1 | EM before | EM after | retention "
-        "| ms / doc | answer ms / q |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ms / doc | answer ms / q | state bytes / doc |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["strategies"]:
         lr = f"{r['lr']:g}" if r["lr"] else "–"
         lines.append(
             f"| {r['strategy']} | {lr} | {r['f1_before']:.3f} | {_pm(r['f1_after'])} | "
             f"{_pm(r['uptake_f1'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
-            f"{_pm(r['retention'])} | {1000 * r['seconds_per_doc']:.1f} | {r['answer_ms']:.1f} |"
+            f"{_pm(r['retention'])} | {1000 * r['seconds_per_doc']:.1f} | {r['answer_ms']:.1f} | "
+            f"{r['bytes_per_doc']:,.0f} |"
         )
     with_matrix = [r for r in report["strategies"] if r.get("matrix")]
     if with_matrix:

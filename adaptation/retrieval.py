@@ -52,6 +52,12 @@ class Retriever:
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._row
 
+    @property
+    def nbytes(self) -> int:
+        """The stored texts plus their embeddings."""
+        texts = sum(len(t.encode("utf-8")) for t in self._texts)
+        return texts + self._matrix.numel() * self._matrix.element_size()
+
     def _embed(self, texts: list[str]) -> torch.Tensor:
         vectors = load_encoder(self.device).encode(
             texts,

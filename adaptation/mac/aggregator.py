@@ -8,6 +8,11 @@ until what remains fits the window. Every level is conditioned on the same quest
 The number of levels is set by the largest memory in the batch (after dropping padding slots no
 question uses); a question with fewer entries goes through the same levels.
 
+Cost: every question still reads every entry once (O(N) per question); the folding bounds the
+attention width (and activation memory), not the work. Chunks of 32 halve the number of
+pseudo-entries computed at the first level against chunks of 16. For latency that does not grow
+with the bank, restrict each question to retrieved entries (mac+rag).
+
 Memories come in two layouts: shared by all questions ([1, N, T, d], the whole bank) or one per
 question ([B, N, T, d] with a mask, e.g. retrieved documents only). The shared layout never
 copies the memory per question: the B*T query rows are attended as one sequence, which is exact
@@ -32,7 +37,7 @@ class AggregatorConfig:
     blocks: int = 4
     heads: int = 8
     window: int = 32
-    chunk: int = 16
+    chunk: int = 32
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

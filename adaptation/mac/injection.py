@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from adaptation.answering import newline_token_ids
 from adaptation.prompts import clean_answer, qa_prompt
@@ -100,7 +101,7 @@ def prefix_logits(
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
     """The base's logits [B, S, V] for the prompt, reading the prefix (None: no memory)."""
-    return _forward(model, prefix_kv, input_ids, attention_mask).logits
+    return _forward(model, prefix_kv, input_ids, attention_mask, use_cache=False).logits
 
 
 def _forward(
@@ -108,14 +109,16 @@ def _forward(
     prefix_kv: PrefixKV | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-) -> object:
+    use_cache: bool,
+) -> CausalLMOutputWithPast:
+    """The layers read a given cache whether or not `use_cache` asks for it back."""
     positions = prompt_positions(attention_mask)
     if prefix_kv is None:
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            use_cache=True,
+            use_cache=use_cache,
         )
     mask = torch.cat([prefix_kv.mask.to(attention_mask.dtype), attention_mask], dim=1)
     return model(
@@ -123,7 +126,7 @@ def _forward(
         attention_mask=mask,
         position_ids=positions,
         past_key_values=prefix_kv.cache(model),
-        use_cache=True,
+        use_cache=use_cache,
     )
 
 
@@ -154,7 +157,7 @@ def generate_with_prefix(
     prompts = [qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)]
     ids, mask = encode_prompts(tokenizer, prompts, device)
     stop = torch.tensor(newline_token_ids(tokenizer), device=device)
-    out = _forward(model, prefix_kv, ids, mask)
+    out = _forward(model, prefix_kv, ids, mask, use_cache=True)
     cache = out.past_key_values
     full_mask = mask if prefix_kv is None else torch.cat([prefix_kv.mask.to(mask.dtype), mask], 1)
     position = prompt_positions(mask)[:, -1:]

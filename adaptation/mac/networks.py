@@ -48,7 +48,7 @@ class MacConfig:
         question_layers: int = 1,
         aggregator_blocks: int = 4,
         window: int = 32,
-        chunk: int = 16,
+        chunk: int = 32,
         dropout: float = 0.0,
     ) -> MacConfig:
         """Networks sized for `model`. `vocab_size` is the encoder tokenizer's; None means the

@@ -38,7 +38,8 @@ from adaptation.updater import weighted_lm_loss
 @dataclass(frozen=True)
 class MacTrainConfig:
     """Optimisation and network sizes. `time_limit_s` stops training early (keeping the best
-    checkpoint so far), so a run fits a wall-clock budget whatever the machine."""
+    checkpoint so far; the learning rate decays on whichever budget runs out first), so a run
+    fits a wall-clock budget whatever the machine. The final F1 evaluation comes after it."""
 
     epochs: int = 40
     batch_docs: int = 16
@@ -60,7 +61,7 @@ class MacTrainConfig:
     num_tokens: int = 16
     max_length: int = 256
     window: int = 32
-    chunk: int = 16
+    chunk: int = 32
     dropout: float = 0.0
 
 
@@ -282,15 +283,19 @@ def train_mac(
     total = max(1, cfg.epochs * steps_per_epoch)
     val_every = cfg.val_every or steps_per_epoch
     optimizer = torch.optim.Adam(networks.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total)
-    )
     report.val_loss_no_memory = _no_memory_loss(base, val_batches, pad_id)
     report.val_loss_untrained = _val_loss(networks, base, val_batches, pad_id)
     best_state = copy.deepcopy(networks.state_dict())
     report.best_val_loss = report.val_loss_untrained
     system = MacSystem(networks, base, tok)
     networks.train()
+
+    def progress() -> float:
+        """How much of the budget is spent: steps, or wall-clock time if that runs out first."""
+        spent = step / total
+        if cfg.time_limit_s:
+            spent = max(spent, (time.monotonic() - started) / cfg.time_limit_s)
+        return spent
 
     bar = tqdm(total=total, desc="meta-train mac", unit="step")
     smoothed: float | None = None
@@ -300,18 +305,20 @@ def train_mac(
             n_grad = max(1, math.ceil(cfg.backprop_dropout * len(batch)))
             grad_docs = rng.sample(range(len(batch)), n_grad)
             loss = batch_loss(networks, base, batch, pad_id, grad_docs)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, progress())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.grad_clip)
             optimizer.step()
-            schedule.step()
             step += 1
             value = float(loss.detach())
             report.first_train_loss = report.first_train_loss if step > 1 else value
             report.last_train_loss = value
             smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
             bar.update(1)
-            if step % val_every == 0 or step == total:
+            out_of_time = cfg.time_limit_s is not None and progress() >= 1.0
+            if step % val_every == 0 or step == total or out_of_time:
                 val = _val_loss(networks, base, val_batches, pad_id)
                 report.val_history.append((step, val))
                 if val < report.best_val_loss:
@@ -321,9 +328,6 @@ def train_mac(
                 bar.set_postfix(
                     loss=f"{smoothed:.3f}", val=f"{val:.3f}", best=f"{report.best_val_loss:.3f}"
                 )
-            out_of_time = (
-                cfg.time_limit_s is not None and time.monotonic() - started > cfg.time_limit_s
-            )
             if step >= total or out_of_time:
                 report.stopped_early = out_of_time and step < total
                 break
@@ -345,9 +349,8 @@ def train_mac(
     return report
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to a tenth."""
+def _lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warmup, then cosine decay to a tenth as `progress` (0..1 of the budget) runs out."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
