@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -60,7 +60,8 @@ class EvalConfig:
     retention_floor: float = 0.9
     retention_matrix: bool = False
     device: str | None = None
-    lr_by_strategy: dict[str, float] = field(default_factory=dict)
+    sweep_steps: tuple[int, ...] = ()
+    tuned: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 class LoraMethod:
@@ -230,6 +231,7 @@ class RunResult:
     strategy: str
     seed: int
     lr: float | None
+    steps: int | None
     before: dict[str, float]
     after: dict[str, float]
     retention_before: dict[str, float]
@@ -262,6 +264,7 @@ def stream_once(
     lr: float | None,
     progress: bool = True,
     matrix: bool = False,
+    steps: int | None = None,
 ) -> RunResult:
     """Feed the stream once, scoring all stream questions at a few points along the way.
 
@@ -298,6 +301,7 @@ def stream_once(
         strategy=method.name,
         seed=seed,
         lr=lr,
+        steps=steps,
         before=before,
         after=after,
         retention_before=retention_before,
@@ -409,30 +413,44 @@ def run_eval(
                 continue
             rows = []
             for lr in cfg.sweep_lrs:
-                method = make_method(name, model_dir, cfg, lr, cfg.seeds[0], corpus)
-                r = stream_once(
-                    method,
-                    val_docs,
-                    retention_qas,
-                    val_before,
-                    retention_before,
-                    0,
-                    cfg.seeds[0],
-                    lr,
-                )
-                rows.append({"lr": lr, "uptake_f1": r.uptake_f1, "retention": r.retention})
-                log(
-                    f"sweep {name} lr={lr:g}: uptake {r.uptake_f1:+.3f} retention {r.retention:.3f}"
-                )
+                for steps in cfg.sweep_steps or (cfg.steps_per_doc,):
+                    trial = replace(cfg, steps_per_doc=steps)
+                    method = make_method(name, model_dir, trial, lr, cfg.seeds[0], corpus)
+                    r = stream_once(
+                        method,
+                        val_docs,
+                        retention_qas,
+                        val_before,
+                        retention_before,
+                        0,
+                        cfg.seeds[0],
+                        lr,
+                    )
+                    rows.append(
+                        {
+                            "lr": lr,
+                            "steps": steps,
+                            "uptake_f1": r.uptake_f1,
+                            "retention": r.retention,
+                        }
+                    )
+                    log(
+                        f"sweep {name} lr={lr:g} steps={steps}: uptake {r.uptake_f1:+.3f} "
+                        f"retention {r.retention:.3f}"
+                    )
             sweep[name] = rows
-            cfg.lr_by_strategy[name] = choose_lr(rows, cfg.retention_floor)
+            best = choose_setting(rows, cfg.retention_floor)
+            cfg.tuned[name] = (best["lr"], best["steps"])
     del base
 
     results: list[RunResult] = []
     for name in cfg.strategies:
         for seed in cfg.seeds if name in UPDATE_STRATEGIES else cfg.seeds[:1]:
-            lr = cfg.lr_by_strategy.get(name, cfg.lr) if name in UPDATE_STRATEGIES else None
-            method = make_method(name, model_dir, cfg, lr or cfg.lr, seed, corpus)
+            lr, steps = cfg.tuned.get(name, (cfg.lr, cfg.steps_per_doc))
+            run_cfg = replace(cfg, steps_per_doc=steps)
+            method = make_method(name, model_dir, run_cfg, lr, seed, corpus)
+            if name not in UPDATE_STRATEGIES:
+                lr = steps = None
             r = stream_once(
                 method,
                 docs,
@@ -443,6 +461,7 @@ def run_eval(
                 seed,
                 lr,
                 matrix=cfg.retention_matrix and seed == cfg.seeds[0],
+                steps=steps,
             )
             results.append(r)
             log(
@@ -455,12 +474,13 @@ def run_eval(
     return report
 
 
-def choose_lr(rows: list[dict], floor: float) -> float:
-    """Best uptake among the rates that keep retention above the floor (or the safest if none do)."""
+def choose_setting(rows: list[dict], floor: float) -> dict:
+    """Best uptake among the settings that keep retention above the floor (or the safest if none
+    do)."""
     ok = [r for r in rows if r["retention"] >= floor]
     if ok:
-        return max(ok, key=lambda r: r["uptake_f1"])["lr"]
-    return max(rows, key=lambda r: r["retention"])["lr"]
+        return max(ok, key=lambda r: r["uptake_f1"])
+    return max(rows, key=lambda r: r["retention"])
 
 
 def _mean_spread(values: list[float]) -> dict[str, float]:
@@ -491,6 +511,7 @@ def build_report(
             {
                 "strategy": name,
                 "lr": rs[0].lr,
+                "steps": rs[0].steps,
                 "seeds": [r.seed for r in rs],
                 "f1_before": before["f1"],
                 "em_before": before["em"],
@@ -538,12 +559,12 @@ def report_markdown(report: dict) -> str:
         "State bytes / doc is what the method keeps beyond the base, over the stream's length "
         "(for LoRA a fixed-size adapter, so it shrinks as the stream grows).",
         "",
-        "| strategy | lr | F1 before | F1 after | uptake F1 | EM before | EM after | retention "
+        "| strategy | lr × steps | F1 before | F1 after | uptake F1 | EM before | EM after | retention "
         "| ms / doc | answer ms / q | state bytes / doc |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["strategies"]:
-        lr = f"{r['lr']:g}" if r["lr"] else "–"
+        lr = f"{r['lr']:g} × {r['steps']}" if r["lr"] else "–"
         lines.append(
             f"| {r['strategy']} | {lr} | {r['f1_before']:.3f} | {_pm(r['f1_after'])} | "
             f"{_pm(r['uptake_f1'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
@@ -571,12 +592,12 @@ def report_markdown(report: dict) -> str:
             "",
             "## Learning-rate sweep (validation stream)",
             "",
-            "| strategy | lr | uptake F1 | retention |",
-            "| --- | --- | --- | --- |",
+            "| strategy | lr | steps / doc | uptake F1 | retention |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for name, rows in report["sweep"].items():
             lines += [
-                f"| {name} | {r['lr']:g} | {r['uptake_f1']:+.3f} | {r['retention']:.3f} |"
+                f"| {name} | {r['lr']:g} | {r['steps']} | {r['uptake_f1']:+.3f} | {r['retention']:.3f} |"
                 for r in rows
             ]
     lines += ["", "![uptake](uptake.png)", ""]

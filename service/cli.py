@@ -114,6 +114,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="comma list of learning rates to sweep on --val; the best per strategy "
         "(by uptake, subject to --retention-floor) is used",
     )
+    p.add_argument(
+        "--sweep-steps",
+        type=_ints,
+        default=(),
+        help="comma list of steps per document to sweep with each rate (default: --steps-per-doc)",
+    )
     p.add_argument("--val", default=None, help="validation stream for the sweep")
     p.add_argument("--retention-floor", type=float, default=0.9)
     p.add_argument("--weighter", default=None, help="CaMeLS weighting model dir (for camels)")
@@ -144,6 +150,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         weighter_path=args.weighter,
         mac_path=args.mac,
         sweep_lrs=args.sweep_lrs,
+        sweep_steps=args.sweep_steps,
         retention_floor=args.retention_floor,
         device=args.device,
         retention_matrix=args.retention_matrix,
@@ -189,13 +196,20 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=None, help="finish within this many minutes")
     p.add_argument("--val-every", type=int, default=None, help="outer steps between validations")
     p.add_argument("--val-episodes", type=int, default=None, help="fixed validation episodes")
-    p.add_argument("--normalisation", default=None, choices=["tokens", "weights", "fixed"],
-                   help="inner loss normalisation")
+    p.add_argument(
+        "--normalisation",
+        default=None,
+        choices=["tokens", "weights", "fixed"],
+        help="inner loss normalisation",
+    )
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None, help="weighting model width")
     p.add_argument("--layers", type=int, default=None, help="weighting model layers")
-    p.add_argument("--tokenizer", default=None,
-                   help="the weighting model's own tokenizer directory (default: the base's)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the weighting model's own tokenizer directory (default: the base's)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(handler=_run_meta_train_camels)
@@ -207,15 +221,25 @@ def _meta_train_camels_config(args: argparse.Namespace) -> MetaTrainConfig:
     from adaptation.camels_training import MetaTrainConfig
 
     options = {
-        "inner_lr": args.inner_lr, "outer_lr": args.outer_lr, "episode_docs": args.episode_docs,
-        "reset_every": args.reset_every, "c_kl": args.c_kl, "grad_accum": args.grad_accum,
-        "steps": args.steps, "minutes": args.minutes, "val_every": args.val_every,
-        "val_episodes": args.val_episodes, "normalisation": args.normalisation,
-        "lora_rank": args.lora_rank, "seed": args.seed,
+        "inner_lr": args.inner_lr,
+        "outer_lr": args.outer_lr,
+        "episode_docs": args.episode_docs,
+        "reset_every": args.reset_every,
+        "c_kl": args.c_kl,
+        "grad_accum": args.grad_accum,
+        "steps": args.steps,
+        "minutes": args.minutes,
+        "val_every": args.val_every,
+        "val_episodes": args.val_episodes,
+        "normalisation": args.normalisation,
+        "lora_rank": args.lora_rank,
+        "seed": args.seed,
     }
     overrides = {k: v for k, v in options.items() if v is not None}
     config = MetaTrainConfig.quick(**overrides) if args.quick else MetaTrainConfig(**overrides)
-    spec = {k: v for k, v in {"hidden": args.hidden, "layers": args.layers}.items() if v is not None}
+    spec = {
+        k: v for k, v in {"hidden": args.hidden, "layers": args.layers}.items() if v is not None
+    }
     if spec:
         config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, **spec))
     return config
@@ -235,8 +259,15 @@ def _run_meta_train_camels(args: argparse.Namespace) -> int:
             from transformers import PreTrainedTokenizerFast
 
             tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-        result = meta_train(args.base, args.train, args.val, args.out, config, tokenizer=tokenizer,
-                            device=args.device)
+        result = meta_train(
+            args.base,
+            args.train,
+            args.val,
+            args.out,
+            config,
+            tokenizer=tokenizer,
+            device=args.device,
+        )
     except (OSError, ValueError) as exc:
         print(f"uptake meta-train camels: {exc}", file=sys.stderr)
         return 2
@@ -265,16 +296,28 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-docs", type=int, default=None, help="documents per step (the memory)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    p.add_argument("--backprop-dropout", type=float, default=None,
-                   help="fraction of the batch's documents amortized with gradient")
+    p.add_argument(
+        "--backprop-dropout",
+        type=float,
+        default=None,
+        help="fraction of the batch's documents amortized with gradient",
+    )
     p.add_argument("--tokens", type=int, default=None, help="T: modulation length per document")
     p.add_argument("--width", type=int, default=None, help="encoder width")
     p.add_argument("--layers", type=int, default=None, help="encoder layers")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="stop training after this long (a short F1 evaluation follows)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop training after this long (a short F1 evaluation follows)",
+    )
     p.add_argument("--max-train-docs", type=int, default=None)
-    p.add_argument("--eval-questions", type=int, default=None,
-                   help="validation questions answered at the end for F1 (0: skip)")
+    p.add_argument(
+        "--eval-questions",
+        type=int,
+        default=None,
+        help="validation questions answered at the end for F1 (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.set_defaults(handler=_run_meta_train_mac)
@@ -288,10 +331,16 @@ def _run_meta_train_mac(args: argparse.Namespace) -> int:
     from adaptation.mac.training import QUICK, MacTrainConfig, train_mac
 
     options = {
-        "epochs": args.epochs, "batch_docs": args.batch_docs, "lr": args.lr,
-        "backprop_dropout": args.backprop_dropout, "num_tokens": args.tokens,
-        "width": args.width, "layers": args.layers, "max_train_docs": args.max_train_docs,
-        "eval_questions": args.eval_questions, "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_docs": args.batch_docs,
+        "lr": args.lr,
+        "backprop_dropout": args.backprop_dropout,
+        "num_tokens": args.tokens,
+        "width": args.width,
+        "layers": args.layers,
+        "max_train_docs": args.max_train_docs,
+        "eval_questions": args.eval_questions,
+        "seed": args.seed,
         "time_limit_s": None if args.minutes is None else args.minutes * 60.0,
     }
     overrides = {k: v for k, v in options.items() if v is not None}

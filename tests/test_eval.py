@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adaptation.bootstrap import build_demo_model
-from adaptation.evaluation import EvalConfig, choose_lr, run_eval
+from adaptation.evaluation import EvalConfig, choose_setting, run_eval
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
 
@@ -42,6 +42,7 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
         limit=4,
         checkpoints=2,
         sweep_lrs=(1e-3, 3e-3),
+        sweep_steps=(1, 2),
         retention_matrix=True,
     )
     report = run_eval(
@@ -54,6 +55,12 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
     )
     assert [r["strategy"] for r in report["strategies"]] == ["uniform", "salient", "tfidf", "rag"]
     assert set(report["sweep"]) == {"uniform", "salient", "tfidf"}
+    assert {(r["lr"], r["steps"]) for r in report["sweep"]["uniform"]} == {
+        (1e-3, 1),
+        (1e-3, 2),
+        (3e-3, 1),
+        (3e-3, 2),
+    }
     for row in report["strategies"]:
         assert row["curve"][0][0] == 0 and row["curve"][-1][0] == 4
         assert row["seconds_per_doc"] > 0
@@ -70,14 +77,14 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
     assert (tmp_path / "retention_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_choose_lr_respects_the_retention_floor() -> None:
+def test_choose_setting_respects_the_retention_floor() -> None:
     rows = [
         {"lr": 1e-4, "uptake_f1": 0.01, "retention": 0.99},
         {"lr": 1e-3, "uptake_f1": 0.08, "retention": 0.95},
         {"lr": 1e-2, "uptake_f1": 0.20, "retention": 0.50},
     ]
-    assert choose_lr(rows, 0.9) == 1e-3
-    assert choose_lr(rows, 0.999) == 1e-4
+    assert choose_setting(rows, 0.9)["lr"] == 1e-3
+    assert choose_setting(rows, 0.999)["lr"] == 1e-4
 
 
 def test_unknown_strategy_is_a_clear_error(quick_home: Path, tmp_path: Path) -> None:
