@@ -1,0 +1,234 @@
+"""Best-of-k self-edits: try each candidate on a temporary copy of the adapter, keep the one whose
+update answers probe questions best.
+
+Every candidate starts from the same adapter and optimizer state (copied in memory; the base is
+never reloaded). Probe questions are supplied, or written by the model from the document with the
+self-QA prompt. When the document's real (gold) questions are given too, each candidate is scored
+on them as well, so the probe score can be checked against what it stands in for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.answering import generate_answers
+from adaptation.data import QA
+from adaptation.metrics import score
+from adaptation.prompts import qa_example
+from adaptation.self_edit import (
+    apply_with_self_edits,
+    parse_qa_pairs,
+    sample_generations,
+    self_edit_prompt,
+)
+from adaptation.updater import OnlineUpdater, StepReport
+from adaptation.weighting.base import Weighter
+
+Scoring = Literal["f1", "nll"]
+
+
+@torch.no_grad()
+def answer_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 32,
+) -> list[float]:
+    """Per (question, answer): mean NLL of the answer tokens after the closed-book QA prompt."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            seqs = []
+            for question, answer in pairs[start : start + batch_size]:
+                prompt, completion = qa_example(question, answer)
+                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+                seqs.append((list(p) + list(c), len(p)))
+            width = max(len(s) for s, _ in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, (s, n_prompt) in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s)
+                labels[i, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
+                mask[i, : len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            targets = labels[:, 1:].to(device)
+            nll = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+            )
+            counts = (targets != -100).sum(dim=1).clamp(min=1)
+            out.extend((nll.sum(dim=1) / counts).tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    f1: float
+    nll: float
+
+    def key(self, scoring: Scoring) -> tuple[float, float]:
+        """Higher is better; the other measure breaks ties (F1 on a few probes often ties)."""
+        return (self.f1, -self.nll) if scoring == "f1" else (-self.nll, self.f1)
+
+
+def probe_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probes: Sequence[QA],
+    max_new_tokens: int = 12,
+) -> ProbeScore:
+    """Closed-book F1 on the probes, and the mean NLL of their first gold answers."""
+    usable = [q for q in probes if q.answers]
+    if not usable:
+        raise ValueError("probe scoring needs at least one question with an answer")
+    preds = generate_answers(
+        model, tokenizer, [q.question for q in usable], max_new_tokens=max_new_tokens
+    )
+    f1 = score(preds, [list(q.answers) for q in usable])["f1"]
+    nlls = answer_nll(model, tokenizer, [(q.question, q.answers[0]) for q in usable])
+    return ProbeScore(f1=float(f1), nll=float(np.mean(nlls)))
+
+
+def generate_probes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    title: str | None,
+    passage: str,
+    samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+) -> list[QA]:
+    """Probe questions written by the model from the document with the self-QA prompt."""
+    text = self_edit_prompt("self-qa", title, passage)
+    gens = sample_generations(model, tokenizer, text, samples, max_new_tokens, temperature)
+    probes: list[QA] = []
+    for g in gens:
+        probes.extend(p for p in parse_qa_pairs(g) if p not in probes)
+    return probes
+
+
+@dataclass(frozen=True)
+class BestOfK:
+    probe: list[ProbeScore]
+    chosen: int
+    reports: list[list[StepReport]]
+    gold: list[ProbeScore] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "chosen": self.chosen,
+            "probe_f1": [s.f1 for s in self.probe],
+            "probe_nll": [s.nll for s in self.probe],
+        }
+        if self.gold is not None:
+            out["gold_f1"] = [s.f1 for s in self.gold]
+            out["gold_nll"] = [s.nll for s in self.gold]
+        return out
+
+
+@dataclass
+class _Snapshot:
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def _snapshot(updater: OnlineUpdater) -> _Snapshot:
+    return _Snapshot(
+        params=[p.detach().clone() for p in updater.params],
+        optimizer=copy.deepcopy(updater.optimizer.state_dict()),
+    )
+
+
+def _restore(updater: OnlineUpdater, snap: _Snapshot) -> None:
+    with torch.no_grad():
+        for p, saved in zip(updater.params, snap.params, strict=True):
+            p.copy_(saved)
+    # load_state_dict may keep references to the given tensors; later steps must not touch snap.
+    updater.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+
+
+def best_of_k(
+    updater: OnlineUpdater,
+    tokenizer: PreTrainedTokenizerBase,
+    weighter: Weighter,
+    candidates: Sequence[Sequence[str]],
+    probes: Sequence[QA],
+    gold: Sequence[QA] | None = None,
+    scoring: Scoring = "f1",
+    trust: float = 1.0,
+    batch_size: int = 8,
+    max_new_tokens: int = 12,
+) -> BestOfK:
+    """Train each candidate (a list of training sequences) from the same starting state, score it
+    on the probes (and on `gold` if given), and leave the updater in the best candidate's state."""
+    if not candidates:
+        raise ValueError("best-of-k needs at least one candidate set of training sequences")
+    model = updater.model
+    start = _snapshot(updater)
+    ends: list[_Snapshot] = []
+    probe_scores: list[ProbeScore] = []
+    gold_scores: list[ProbeScore] = []
+    reports: list[list[StepReport]] = []
+    for i, sequences in enumerate(candidates):
+        if i:
+            _restore(updater, start)
+        reports.append(
+            apply_with_self_edits(updater, tokenizer, weighter, sequences, batch_size, trust)
+        )
+        probe_scores.append(probe_score(model, tokenizer, probes, max_new_tokens))
+        if gold is not None:
+            gold_scores.append(probe_score(model, tokenizer, gold, max_new_tokens))
+        ends.append(_snapshot(updater))
+    chosen = max(range(len(candidates)), key=lambda i: probe_scores[i].key(scoring))
+    _restore(updater, ends[chosen])
+    return BestOfK(probe_scores, chosen, reports, gold_scores if gold is not None else None)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
+
+
+def correlation(probe: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
+    """Pearson and Spearman correlation of probe scores with gold scores (NaN when either is
+    constant or there are fewer than two points)."""
+    if len(probe) != len(gold):
+        raise ValueError(
+            f"need as many probe scores as gold scores, got {len(probe)} and {len(gold)}"
+        )
+    x = np.asarray(probe, dtype=np.float64)
+    y = np.asarray(gold, dtype=np.float64)
+    if len(x) < 2:
+        return {"pearson": float("nan"), "spearman": float("nan"), "n": len(x)}
+    return {"pearson": _pearson(x, y), "spearman": _pearson(_ranks(x), _ranks(y)), "n": len(x)}
