@@ -212,8 +212,7 @@ def build_demo_model(
     bar = tqdm(
         total=total, desc=f"pretraining {variant if not quick else 'quick'} model", unit="step"
     )
-    epoch = 0
-    for _ in range(spec.epochs):
+    for epoch in range(1, spec.epochs + 1):
         for batch in _make_batches(doc_ids, qa, spec, rng):
             ids, labels, mask = _batch(batch, tok.pad_token_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -224,7 +223,6 @@ def build_demo_model(
             opt.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        epoch += 1
         if spec.monitor_every and epoch % spec.monitor_every == 0:
             model.eval()
             f = evaluate_qa(model, tok, read_documents(world / "pretrain_heldout_qa.jsonl"), 150)
