@@ -10,7 +10,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -21,13 +22,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.adapters import AdapterStore
 from service.documents import DocumentStore, IdConflict
-from service.engine import ServingEngine
+from service.engine import PromptTooLong, ServingEngine
 from service.keys import Keys
 from service.metrics import ApiMetrics
 from service.queue import Queue
@@ -37,6 +39,13 @@ from service.schemas import (
     AdaptersOut,
     AnswerIn,
     AnswerOut,
+    ChatChoice,
+    ChatIn,
+    ChatOut,
+    ChatReply,
+    CompletionChoice,
+    CompletionIn,
+    CompletionOut,
     DocumentAccepted,
     DocumentBatchIn,
     DocumentIn,
@@ -45,6 +54,8 @@ from service.schemas import (
     DocumentsIn,
     Health,
     ManifestOut,
+    ModelCard,
+    ModelList,
     Namespace,
     Problem,
     StatusOut,
@@ -216,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/answer",
         response_model=AnswerOut,
-        responses=_problems(404, 409, 503, 504),
+        responses=_problems(404, 408, 409, 503),
         summary="Answer a question from the newest knowledge; wait_for gives read-your-writes",
     )
     async def answer(request: Request, body: AnswerIn) -> AnswerOut:
@@ -225,11 +236,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if body.wait_for:
             await _wait_applied(s, body)
         started = time.perf_counter()
-        text, version = await run_in_threadpool(
-            s.engine.answer, body.question, body.namespace, body.max_new_tokens
+        text, version = await _generate(
+            s, s.engine.answer, body.question, body.namespace, body.max_new_tokens
         )
         seconds = time.perf_counter() - started
-        s.metrics.answer_seconds.labels(body.namespace).observe(seconds)
         return AnswerOut(
             answer=text,
             adapter_version=version,
@@ -272,6 +282,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             strategy=settings.strategy,
         )
 
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionOut,
+        responses=_problems(503),
+        summary="OpenAI-compatible completion; `model` names the namespace",
+    )
+    async def completions(request: Request, body: CompletionIn) -> CompletionOut:
+        s = services(request)
+        text, version = await _generate(
+            s, s.engine.complete, body.prompt, body.model, body.max_tokens
+        )
+        return CompletionOut(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=body.model,
+            choices=[CompletionChoice(text=text)],
+            adapter_version=version,
+        )
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatOut,
+        responses=_problems(503),
+        summary="OpenAI-compatible chat: the last user message (else the last message) is asked",
+    )
+    async def chat(request: Request, body: ChatIn) -> ChatOut:
+        s = services(request)
+        users = [m.content for m in body.messages if m.role == "user"]
+        question = users[-1] if users else body.messages[-1].content
+        text, version = await _generate(s, s.engine.answer, question, body.model, body.max_tokens)
+        return ChatOut(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=body.model,
+            choices=[ChatChoice(message=ChatReply(content=text))],
+            adapter_version=version,
+        )
+
+    @app.get("/v1/models", response_model=ModelList, summary="OpenAI-compatible: the namespaces")
+    def models(request: Request) -> ModelList:
+        s = services(request)
+        names = {"default", *s.engine.versions(), *s.store.namespaces()}
+        cards = [ModelCard(id=ns, adapter_version=s.engine.version(ns)) for ns in sorted(names)]
+        return ModelList(data=cards)
+
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
     def healthz() -> Health:
         return Health(status="ok")
@@ -300,6 +355,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def metrics(request: Request) -> Response:
         return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """The generated schema, plus the limits this deployment enforces with 413."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            models = schema["components"]["schemas"]
+            models["DocumentIn"]["properties"]["text"]["maxLength"] = settings.max_doc_chars
+            models["DocumentBatchIn"]["properties"]["documents"]["maxItems"] = settings.max_batch
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -314,6 +382,20 @@ def _submit(docs: DocumentStore, doc: DocumentIn) -> DocumentAccepted:
     except IdConflict as exc:
         raise HTTPException(409, str(exc)) from exc
     return DocumentAccepted(id=sub.id, status=sub.status, namespace=sub.namespace)
+
+
+async def _generate(
+    s: Services, run: Callable[[str, str, int], tuple[str, int]], text: str, ns: str, budget: int
+) -> tuple[str, int]:
+    """Generate off the event loop, timing it; a prompt longer than the model reads is a 422."""
+    _require_model(s.engine)
+    started = time.perf_counter()
+    try:
+        out = await run_in_threadpool(run, text, ns, budget)
+    except PromptTooLong as exc:
+        raise _unprocessable(("body",), str(exc), "too_long") from exc
+    s.metrics.answer_seconds.labels(ns).observe(time.perf_counter() - started)
+    return out
 
 
 def _require_model(engine: ServingEngine) -> None:
@@ -334,7 +416,7 @@ async def _wait_applied(s: Services, body: AnswerIn) -> None:
         elsewhere = [i for i, r in records.items() if r.namespace != body.namespace]
         if elsewhere:
             msg = f"documents {', '.join(elsewhere)} belong to another namespace than {body.namespace!r}"
-            raise _unprocessable(("body", "wait_for"), msg, "namespace_mismatch")
+            raise HTTPException(409, f"wait_for: {msg}")
         dead = [f"{i} ({r.error})" for i, r in records.items() if r.status == "dead"]
         if dead:
             raise HTTPException(
@@ -353,7 +435,7 @@ async def _wait_applied(s: Services, body: AnswerIn) -> None:
             if not parts:
                 parts = [f"version {needed} is published but this replica still serves {serving}"]
             raise HTTPException(
-                504,
+                408,
                 f"not applied within timeout_s={body.timeout_s:g}: {', '.join(parts)}. "
                 "Retry with a longer timeout_s, or check GET /v1/documents/{id}",
             )

@@ -16,13 +16,18 @@ import redis
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptation.answering import generate_answers
+from adaptation.answering import generate_answers, generate_batched
 from adaptation.modeling import load_base
+from adaptation.prompts import qa_prompt
 from service.adapters import AdapterStore, published_versions
 from service.keys import Keys
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class PromptTooLong(ValueError):
+    """The prompt alone fills the model's context window."""
 
 
 class ServingEngine:
@@ -83,27 +88,58 @@ class ServingEngine:
                 self._switch(ns, version)
 
     def answer(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
-        if self._base is None or self._tokenizer is None:
-            raise RuntimeError("the model is not loaded yet")
+        """A closed-book answer in the QA format, and the adapter version it came from."""
+        budget = self._fit_context(qa_prompt(question), max_new_tokens, "question")
+        (text,), version = self._generate(
+            namespace,
+            lambda model, tok: generate_answers(model, tok, [question], max_new_tokens=budget),
+        )
+        return text, version
+
+    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        """A raw greedy continuation of `prompt` (to the end of its line)."""
+        budget = self._fit_context(prompt, max_new_tokens, "prompt")
+        (text,), version = self._generate(
+            namespace,
+            lambda model, tok: generate_batched(model, tok, [prompt], max_new_tokens=budget),
+        )
+        return text, version
+
+    def _generate(
+        self,
+        namespace: str,
+        run: Callable[[PreTrainedModel, PreTrainedTokenizerBase], list[str]],
+    ) -> tuple[list[str], int]:
+        """Run generation with the namespace's adapter active (or none), under the swap lock."""
+        assert self._base is not None and self._tokenizer is not None
         with self._lock:
             version, name = self._adapters.get(namespace, (0, ""))
-            model = self._peft if self._peft is not None else self._base
-            model.eval()
+            if self._peft is None:
+                return run(self._base, self._tokenizer), version
+            self._peft.eval()
             if name:
                 self._peft.set_adapter(name)
-                answers = generate_answers(
-                    model, self._tokenizer, [question], max_new_tokens=max_new_tokens
-                )
-            elif self._peft is not None:
-                with self._peft.disable_adapter():
-                    answers = generate_answers(
-                        model, self._tokenizer, [question], max_new_tokens=max_new_tokens
-                    )
-            else:
-                answers = generate_answers(
-                    model, self._tokenizer, [question], max_new_tokens=max_new_tokens
-                )
-        return answers[0], version
+                return run(self._peft, self._tokenizer), version
+            with self._peft.disable_adapter():
+                return run(self._peft, self._tokenizer), version
+
+    def _fit_context(self, prompt: str, max_new_tokens: int, what: str) -> int:
+        """Shorten the answer budget so prompt plus answer fit the model's positions."""
+        if self._base is None or self._tokenizer is None:
+            raise RuntimeError("the model is not loaded yet")
+        config = self._base.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        if not limit:
+            return max_new_tokens
+        used = len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if used >= limit:
+            raise PromptTooLong(
+                f"the {what} takes {used} tokens but the model reads at most {limit}; "
+                f"send a shorter {what}"
+            )
+        return min(max_new_tokens, limit - used)
 
     def _run(self) -> None:
         try:

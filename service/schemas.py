@@ -162,3 +162,95 @@ class Problem(BaseModel):
 class Health(BaseModel):
     status: str
     reasons: list[str] = Field(default_factory=list)
+
+
+# OpenAI-compatible surface: `model` names the namespace whose knowledge answers.
+
+
+class CompletionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send sampling options we do not use
+
+    model: Namespace = "default"
+    prompt: str = Field(min_length=1, max_length=16000, pattern=r"\S")
+    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: object) -> object:
+        return _content(value, "prompt") if isinstance(value, str) else value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str = Field(max_length=16000)
+
+    @field_validator("content")
+    @classmethod
+    def _content_utf8(cls, value: str) -> str:
+        return _utf8(value, "content")
+
+
+class ChatIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Namespace = "default"
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str = "stop"
+
+
+class CompletionOut(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage = Field(default_factory=Usage)
+    adapter_version: int
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatReply
+    finish_reason: str = "stop"
+
+
+class ChatOut(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(default_factory=Usage)
+    adapter_version: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "uptake"
+    adapter_version: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

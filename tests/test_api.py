@@ -139,6 +139,7 @@ def test_id_conflict_is_409(api: httpx.Client) -> None:
         {"question": "Who?", "timeout_s": -1},
         {"question": "Who?", "wait_for": "not-a-list"},
         {"question": "Who?", "namespace": "no/slashes"},
+        {"question": "word " * 700},  # longer than the tiny model's 512 positions
     ],
 )
 def test_bad_questions_are_422(api: httpx.Client, body: object) -> None:
@@ -158,12 +159,12 @@ def test_answer_reports_version_and_wait_for_times_out(api: httpx.Client) -> Non
     waited = api.post(
         "/v1/answer", json={"question": "Who?", "wait_for": [doc["id"]], "timeout_s": 0.3}
     )
-    assert waited.status_code == 504
+    assert waited.status_code == 408
     assert doc["id"] in _detail(waited) and "timeout_s" in _detail(waited)
     other_ns = api.post(
         "/v1/answer", json={"question": "Who?", "namespace": "elsewhere", "wait_for": [doc["id"]]}
     )
-    assert other_ns.status_code == 422
+    assert other_ns.status_code == 409 and "another namespace" in _detail(other_ns)
 
 
 def test_reads(api: httpx.Client) -> None:
@@ -221,3 +222,37 @@ def _pings(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
+
+
+def test_openai_compatible_endpoints(api: httpx.Client) -> None:
+    models = api.get("/v1/models").json()
+    assert models["object"] == "list" and "default" in [m["id"] for m in models["data"]]
+    chat = api.post(
+        "/v1/chat/completions",
+        json={
+            "model": "default",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Who?"},
+            ],
+            "max_tokens": 4,
+            "temperature": 0.2,
+        },
+    )
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    assert body["object"] == "chat.completion" and body["adapter_version"] == 0
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    completion = api.post(
+        "/v1/completions", json={"model": "default", "prompt": "Alda Venn", "max_tokens": 3}
+    )
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    no_user = api.post(
+        "/v1/chat/completions", json={"messages": [{"role": "system", "content": ""}]}
+    )
+    assert no_user.status_code == 200
+    assert api.post("/v1/completions", json={"prompt": " "}).status_code == 422
+    assert api.post("/v1/chat/completions", json={"messages": []}).status_code == 422
+    too_long = api.post("/v1/completions", json={"prompt": "word " * 700})
+    assert too_long.status_code == 422 and "shorter prompt" in too_long.text
