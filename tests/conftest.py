@@ -39,28 +39,19 @@ def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 def tiny_model(family: str, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(0)
+    llama_like = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
     if family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(LlamaConfig(**llama_like))
     if family == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        return Qwen2ForCausalLM(cfg)
+        return Qwen2ForCausalLM(Qwen2Config(**llama_like))
     if family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
         return GPT2LMHeadModel(cfg)
