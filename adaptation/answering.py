@@ -42,13 +42,21 @@ def generate_batched(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
+    side, cut = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=prompt_budget(model, max_new_tokens),
+            )
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             gen = model.generate(
                 **enc,
@@ -61,9 +69,15 @@ def generate_batched(
             new = gen[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut
         model.train(was_training)
     return out
+
+
+def prompt_budget(model: PreTrainedModel, max_new_tokens: int) -> int:
+    """Prompts longer than the model's window lose their start (old context), never the question."""
+    window = getattr(model.config, "max_position_embeddings", None) or 2048
+    return max(16, int(window) - max_new_tokens)
 
 
 def newline_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

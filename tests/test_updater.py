@@ -64,3 +64,16 @@ def test_exploding_loss_is_rolled_back(tiny_model_dir) -> None:
         assert upd.apply([doc])[0].applied
     report = upd.apply([doc], scale=100.0)[0]
     assert not report.applied and "exploded" in report.reason
+
+
+def test_overlong_prompts_are_cut_to_the_window(tiny_family_dir) -> None:
+    """GPT-2's learned positions fail past the window, so without the cut this raises."""
+    from adaptation.answering import generate_answers
+
+    model, tok = load_base(tiny_family_dir, device="cpu")
+    window = model.config.max_position_embeddings
+    context = "filler words here " * window
+    out = generate_answers(
+        model, tok, ["Where was Alda Venn born?"], contexts=[context], max_new_tokens=4
+    )
+    assert len(out) == 1
