@@ -544,6 +544,8 @@ def build_report(
 
 
 def _pm(stat: dict[str, float]) -> str:
+    if math.isnan(stat["mean"]):
+        return "–"
     if stat["std"] and not math.isnan(stat["std"]):
         return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
     return f"{stat['mean']:.3f}"
