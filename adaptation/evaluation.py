@@ -27,7 +27,7 @@ from adaptation.modeling import LoraSettings, attach_lora, load_base
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import Weighter, encode_weighted, make_weighter
 
-UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels")
+UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal")
 
 
 class Method(Protocol):
@@ -92,6 +92,29 @@ class LoraMethod:
         return generate_answers(
             self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
         )
+
+
+class SealMethod(LoraMethod):
+    """SEAL-style updates: train on the document's self-edits plus the document itself.
+
+    Self-edits come with the document (e.g. the Qwen rewrites in shared/data) or, for knowledge-
+    world documents, from the template paraphraser standing in for a capable model. Its QA lines
+    are left out, since they would reuse the world's own question phrasings.
+    """
+
+    def __init__(self, model_dir: str, cfg: EvalConfig, lr: float, seed: int) -> None:
+        super().__init__(model_dir, make_weighter("uniform"), cfg, lr, seed)
+        self.name = "seal"
+
+    def ingest(self, doc: Document) -> None:
+        from adaptation.paraphrase import paraphrase
+        from adaptation.self_edit import apply_with_self_edits, document_sequences
+
+        generations = None if doc.self_edits else []
+        if not doc.self_edits and doc.meta.get("entity"):
+            generations = paraphrase(doc, k=2, qa=False)
+        sequences = document_sequences(doc, generations)
+        apply_with_self_edits(self.updater, self.tokenizer, self.weighter, sequences)
 
 
 class BaseMethod:
@@ -202,6 +225,8 @@ class MacRagMethod(MacMethod):
 def make_method(
     name: str, model_dir: str, cfg: EvalConfig, lr: float, seed: int, corpus: list[str]
 ) -> Method:
+    if name == "seal":
+        return SealMethod(model_dir, cfg, lr, seed)
     if name in UPDATE_STRATEGIES:
         weighter = make_weighter(
             name, corpus=corpus, path=cfg.weighter_path if name == "camels" else None

@@ -38,7 +38,7 @@ def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
 def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> None:
     world = quick_home / "world-quick"
     cfg = EvalConfig(
-        strategies=("uniform", "salient", "tfidf", "rag"),
+        strategies=("uniform", "salient", "tfidf", "seal", "rag"),
         limit=4,
         checkpoints=2,
         sweep_lrs=(1e-3, 3e-3),
@@ -53,8 +53,14 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
         val_data=world / "meta_val.jsonl",
         log=lambda _: None,
     )
-    assert [r["strategy"] for r in report["strategies"]] == ["uniform", "salient", "tfidf", "rag"]
-    assert set(report["sweep"]) == {"uniform", "salient", "tfidf"}
+    assert [r["strategy"] for r in report["strategies"]] == [
+        "uniform",
+        "salient",
+        "tfidf",
+        "seal",
+        "rag",
+    ]
+    assert set(report["sweep"]) == {"uniform", "salient", "tfidf", "seal"}
     assert {(r["lr"], r["steps"]) for r in report["sweep"]["uniform"]} == {
         (1e-3, 1),
         (1e-3, 2),
