@@ -92,7 +92,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         default="uniform,salient,tfidf,rag",
-        help="comma list of uniform,salient,tfidf,camels,rag,mac,mac+rag",
+        help="comma list of uniform,salient,tfidf,camels,seal,rag,mac,mac+rag",
     )
     p.add_argument("--out", required=True)
     p.add_argument(
@@ -433,6 +433,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     _service_logging()
     settings = _service_settings(args)
+    settings.apply_torch_threads()
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
     finally:
@@ -451,8 +452,10 @@ def _run_worker(args: argparse.Namespace) -> int:
     from service.worker import Worker
 
     _service_logging()
+    settings = _service_settings(args)
+    settings.apply_torch_threads()
     try:
-        Worker(_service_settings(args)).run_forever()
+        Worker(settings).run_forever()
     finally:
         close_embedded()
     return 0

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_doc_tokens: int = Field(default=1024, ge=8, description="tokens per update chunk")
     chunk_chars: int = Field(default=4000, ge=100, description="long documents split here")
     device: str | None = None
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
+    )
 
     # Snapshot cadence: whichever comes first.
     snapshot_every: int = Field(default=8, ge=1, description="documents per snapshot")
@@ -58,7 +61,6 @@ class Settings(BaseSettings):
     max_doc_chars: int = Field(default=100_000, ge=1)
     max_batch: int = Field(default=64, ge=1)
     max_deliveries: int = Field(default=3, ge=1)
-    max_new_tokens: int = Field(default=256, ge=1, description="ceiling for one answer")
 
     # Worker coordination.
     worker_id: str = Field(default_factory=_default_worker_id)
@@ -70,7 +72,7 @@ class Settings(BaseSettings):
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    auth: bool = False
+    auth: bool = Field(default=False, description="API keys (not enforced yet)")
 
     @field_validator("lora_targets", mode="before")
     @classmethod
@@ -78,6 +80,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
+
+    def apply_torch_threads(self) -> None:
+        """Oversubscribed CPU threads thrash (the worker and the API share the cores). Call it
+        from the main thread before loading a model."""
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(

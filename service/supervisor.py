@@ -44,6 +44,10 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
         UPTAKE_PORT=str(settings.port),
         UPTAKE_STORE_DIR=str(settings.store_dir.expanduser().resolve()),
     )
+    # The worker and the API share this machine's cores: half each unless told otherwise.
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+    env["UPTAKE_TORCH_THREADS"] = str(threads)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 

@@ -243,11 +243,17 @@ class Worker:
             self.settings.mode,
             self.settings.strategy,
         )
+        resync = False
         while not self._stop.is_set():
             try:
+                if resync:  # entries in hand when the error struck are still pending on us
+                    for st in list(self.namespaces.values()):
+                        self._reclaim(st)
+                    resync = False
                 self.run_once()
             except (redis.RedisError, OSError) as exc:
                 log.warning("worker: %s; retrying in 1 s", exc)
+                resync = True
                 self._stop.wait(1.0)
         self.shutdown()
 
@@ -327,15 +333,20 @@ class Worker:
         retaken = self.redis.set(key, self.consumer, nx=True, px=self.lease_ms)
         if retaken and self.store.latest(st.name) == st.version:
             st.renewed = time.monotonic()
-            known = set(st.unsaved.values()) | {e.entry_id for _, e in st.retries}
-            claimed = self.queue.claim_pending(st.name, self.consumer)
-            st.backlog.extend(e for e in claimed if e.entry_id not in known)
+            self._reclaim(st)
             log.warning("worker %s retook the lapsed lease on %s", self.consumer, st.name)
             return True
         log.warning("worker %s lost the lease on %s; dropping it", self.consumer, st.name)
         st.backend.close()
         del self.namespaces[st.name]
         return False
+
+    def _reclaim(self, st: NamespaceState) -> None:
+        """Take back pending entries this worker no longer tracks (after a lapse or an error)."""
+        known = set(st.unsaved.values()) | {e.entry_id for _, e in st.retries}
+        known |= {e.entry_id for e in st.backlog}
+        claimed = self.queue.claim_pending(st.name, self.consumer)
+        st.backlog.extend(e for e in claimed if e.entry_id not in known)
 
     def _open(self, namespace: str) -> None:
         assert self._backends is not None

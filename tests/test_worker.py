@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import torch
 
 from adaptation.modeling import lora_parameters
@@ -164,3 +166,28 @@ def test_split_text_keeps_every_word() -> None:
     assert " ".join(c.strip() for c in chunks).split() == text.split()
     assert split_text("short", 300) == ["short"]
     assert split_text("   ", 300) == []
+
+
+def test_entries_in_hand_survive_a_redis_error(settings: Settings) -> None:
+    docs = _docs(settings)
+    ids = [docs.submit(f"Transient fact {i}: Oda Lind keeps {i} goats.", "ns").id for i in range(3)]
+    worker = Worker(settings, weighter=PoisonWeighter())
+    real = worker.docs.begin_attempt
+    calls = {"n": 0}
+
+    def flaky(doc_id: str) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise redis.ConnectionError("simulated outage")
+        return real(doc_id)
+
+    worker.docs.begin_attempt = flaky  # type: ignore[method-assign]
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    try:
+        wait_until(_all_applied(docs, ids), 60, what="every document applied after the outage")
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    assert calls["n"] >= 4
+    assert sorted(worker.store.lineage("ns", worker.store.latest("ns"))) == sorted(ids)
