@@ -425,20 +425,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.api import create_app
+def _run_process(args: argparse.Namespace, main: Callable[[Settings], object]) -> int:
+    """The shared life of a service process: settings, logging, threads, and the embedded Redis
+    closed on the way out."""
     from service.redis_conn import close_embedded
 
     _service_logging()
     settings = _service_settings(args)
     settings.apply_torch_threads()
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        main(settings)
     finally:
         close_embedded()
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+
+    return _run_process(args, lambda s: uvicorn.run(create_app(s), host=s.host, port=s.port))
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -448,17 +455,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from service.redis_conn import close_embedded
     from service.worker import Worker
 
-    _service_logging()
-    settings = _service_settings(args)
-    settings.apply_torch_threads()
-    try:
-        Worker(settings).run_forever()
-    finally:
-        close_embedded()
-    return 0
+    return _run_process(args, lambda s: Worker(s).run_forever())
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
