@@ -171,6 +171,15 @@ def _add_meta_train(sub: argparse._SubParsersAction) -> None:
         add(methods)
 
 
+def _meta_train_data_flags(p: argparse.ArgumentParser, out_help: str, quick_help: str) -> None:
+    """What every meta-training method reads and writes."""
+    p.add_argument("--base", required=True, help="base model directory or hub id")
+    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
+    p.add_argument("--val", required=True, help="validation documents with questions")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+
+
 def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
     p = methods.add_parser(
         "camels",
@@ -181,11 +190,9 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
-    p.add_argument("--base", required=True, help="base model directory or hub id")
-    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
-    p.add_argument("--val", required=True, help="validation documents with questions")
-    p.add_argument("--out", required=True, help="directory for the weighting model")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds, for tests)")
+    _meta_train_data_flags(
+        p, "directory for the weighting model", "a tiny smoke run (seconds, for tests)"
+    )
     p.add_argument("--inner-lr", type=float, default=None, help="inner SGD lr")
     p.add_argument("--outer-lr", type=float, default=None, help="outer Adam lr")
     p.add_argument("--episode-docs", type=int, default=None, help="documents per episode")
@@ -288,11 +295,7 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
         "training.json. Unset options take the defaults of "
         "adaptation.mac.training.MacTrainConfig (or its QUICK settings with --quick).",
     )
-    p.add_argument("--base", required=True, help="base model directory or hub id")
-    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
-    p.add_argument("--val", required=True, help="validation documents with questions")
-    p.add_argument("--out", required=True, help="directory for the MAC system")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (under 2 minutes)")
+    _meta_train_data_flags(p, "directory for the MAC system", "a tiny smoke run (under 2 minutes)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-docs", type=int, default=None, help="documents per step (the memory)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
