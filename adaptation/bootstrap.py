@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from adaptation.answering import generate_answers
 from adaptation.data import Document, all_questions, read_documents
 from adaptation.metrics import score
+from adaptation.modeling import default_device
 from adaptation.paths import demo_model_dir, demo_world_dir
 from adaptation.prompts import qa_example
 from adaptation.tokenizer import train_bpe_tokenizer
@@ -38,13 +39,13 @@ class DemoSpec:
     layers: int = 4
     heads: int = 4
     intermediate: int = 768
-    epochs: int = 12
-    lr: float = 3e-3
+    epochs: int = 16
+    lr: float = 1e-3
     doc_batch: int = 16
     qa_batch: int = 64
     max_len: int = 256
     world_people: int | None = None
-    context_share: float = 0.1
+    context_share: float = 0.3
     monitor_every: int = 0
     seed: int = 0
 
@@ -195,7 +196,8 @@ def build_demo_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    device = default_device()
+    model = LlamaForCausalLM(config).to(device)
     doc_ids = _encode_docs(pretrain, tok, spec.max_len)
     qa = _encode_qa(pretrain, tok, rng, spec.context_share)
     steps_per_epoch = len(_make_batches(doc_ids, qa, spec, random.Random(0)))
@@ -214,8 +216,9 @@ def build_demo_model(
     )
     for epoch in range(1, spec.epochs + 1):
         for batch in _make_batches(doc_ids, qa, spec, rng):
-            ids, labels, mask = _batch(batch, tok.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            ids, labels, mask = (t.to(device) for t in _batch(batch, tok.pad_token_id))
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -227,7 +230,9 @@ def build_demo_model(
             model.eval()
             f = evaluate_qa(model, tok, read_documents(world / "pretrain_heldout_qa.jsonl"), 150)
             r = evaluate_qa(model, tok, read_documents(world / "retention_qa.jsonl"), 150)
-            bar.write(f"epoch {epoch}: retention F1 {r['f1']:.3f}, extraction F1 {f['f1']:.3f}")
+            bar.write(
+                f"epoch {epoch} (step {epoch * steps_per_epoch}): retention F1 {r['f1']:.3f}, extraction F1 {f['f1']:.3f}"
+            )
             model.train()
     bar.close()
     model.eval()
@@ -241,7 +246,7 @@ def build_demo_model(
     }
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.to("cpu").save_pretrained(tmp)
     tok.save_pretrained(tmp)
     card = {
         "variant": "quick" if quick else variant,

@@ -247,15 +247,15 @@ class WorldConfig:
     seed: int = 0
     places: int = 40
     orgs: int = 40
-    pretrain_people: int = 300
+    pretrain_people: int = 200
     docs_per_person: int = 4
-    restate: int = 2
+    restate: int = 4
     pretrain_question_templates: int = 3
     meta_train_people: int = 240
     meta_val_people: int = 60
     eval_people: int = 100
     change_fraction: float = 0.2
-    filler_range: tuple[int, int] = (4, 6)
+    filler_range: tuple[int, int] = (2, 3)
     stream_facts: int = 3
     retention_questions: int = 200
 

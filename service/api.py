@@ -17,17 +17,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
-from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.adapters import AdapterStore
+from service.auth import Access, Authority, Scope, bearer
 from service.documents import DocumentStore, IdConflict
 from service.engine import PromptTooLong, ServingEngine
 from service.keys import Keys
@@ -78,6 +80,7 @@ class Services:
     store: AdapterStore
     engine: ServingEngine
     metrics: ApiMetrics
+    authority: Authority
 
     @classmethod
     def start(cls, settings: Settings) -> Services:
@@ -91,6 +94,7 @@ class Services:
             keys,
             store,
             on_switch=lambda ns, v: metrics.serving_version.labels(ns).set(v),
+            on_batch=metrics.answer_batch_size.observe,
         )
         engine.start()
         return cls(
@@ -102,6 +106,7 @@ class Services:
             store,
             engine,
             metrics,
+            Authority(settings, client, keys),
         )
 
     def close(self) -> None:
@@ -111,6 +116,26 @@ class Services:
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": Problem} for code in codes}
+
+
+def _requires(*scopes: Scope) -> Any:
+    """A dependency admitting requests whose API key holds one of `scopes` (all, with auth off)."""
+
+    def admit(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Access:
+        authority: Authority = request.app.state.services.authority
+        return authority.admit(request, credentials, scopes)
+
+    return Depends(admit)
+
+
+Reader = Annotated[Access, _requires("read")]
+Writer = Annotated[Access, _requires("write")]
+# Whoever ingests follows what became of the documents; readers pass them in wait_for.
+Tracker = Annotated[Access, _requires("read", "write")]
+GUARDED = (401, 403, 429)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -168,14 +193,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/documents",
         status_code=202,
         response_model=DocumentAccepted | DocumentsAccepted,
-        responses=_problems(409, 413, 503),
+        responses=_problems(*GUARDED, 409, 413, 503),
         summary="Queue one document, or a batch as {documents: [...]}",
     )
     def post_documents(
-        request: Request, body: Annotated[DocumentsIn, Body()]
+        request: Request, body: Annotated[DocumentsIn, Body()], access: Writer
     ) -> DocumentAccepted | DocumentsAccepted:
         s = services(request)
         batch = body.documents if isinstance(body, DocumentBatchIn) else [body]
+        access.require(*(doc.namespace for doc in batch))
         if len(batch) > settings.max_batch:
             raise HTTPException(
                 413,
@@ -200,14 +226,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/v1/documents/{doc_id}",
         response_model=DocumentOut,
-        responses=_problems(404, 503),
+        responses=_problems(*GUARDED, 404, 503),
         summary="A document's status: queued, applied (with its adapter version), failed or dead",
     )
     def get_document(
-        request: Request, doc_id: Annotated[str, Path(pattern=ID_PATTERN)]
+        request: Request, doc_id: Annotated[str, Path(pattern=ID_PATTERN)], access: Tracker
     ) -> DocumentOut:
         record = services(request).docs.get(doc_id)
-        if record is None:
+        # Another tenant's document is reported as missing: a 403 would confirm that it exists.
+        if record is None or not access.covers(record.namespace):
             raise HTTPException(
                 404, f"no document with id {doc_id!r}; ids come from POST /v1/documents"
             )
@@ -227,14 +254,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/answer",
         response_model=AnswerOut,
-        responses=_problems(404, 408, 409, 503),
+        responses=_problems(*GUARDED, 404, 408, 409, 503),
         summary="Answer a question from the newest knowledge; wait_for gives read-your-writes",
     )
-    async def answer(request: Request, body: AnswerIn) -> AnswerOut:
+    async def answer(request: Request, body: AnswerIn, access: Reader) -> AnswerOut:
         s = services(request)
+        access.require(body.namespace)
         _require_model(s.engine)
         if body.wait_for:
-            await _wait_applied(s, body)
+            await _wait_applied(s, body, access)
         started = time.perf_counter()
         text, version = await _generate(
             s, s.engine.answer, body.question, body.namespace, body.max_new_tokens
@@ -247,10 +275,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             latency_ms=round(seconds * 1000, 3),
         )
 
-    @app.get("/v1/adapters", response_model=AdaptersOut, summary="Adapter versions and manifests")
+    @app.get(
+        "/v1/adapters",
+        response_model=AdaptersOut,
+        responses=_problems(*GUARDED),
+        summary="Adapter versions and manifests",
+    )
     def adapters(
-        request: Request, namespace: Annotated[Namespace, Query()] = "default"
+        request: Request, access: Reader, namespace: Annotated[Namespace, Query()] = "default"
     ) -> AdaptersOut:
+        access.require(namespace)
         s = services(request)
         versions = [ManifestOut(**m.to_json()) for m in s.store.manifests(namespace)]
         return AdaptersOut(
@@ -260,10 +294,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get(
         "/v1/status",
         response_model=StatusOut,
-        responses=_problems(503),
+        responses=_problems(*GUARDED, 503),
         summary="Queue depth, dead letters, versions and documents applied",
     )
-    def status(request: Request, namespace: Annotated[Namespace, Query()] = "default") -> StatusOut:
+    def status(
+        request: Request, access: Reader, namespace: Annotated[Namespace, Query()] = "default"
+    ) -> StatusOut:
+        access.require(namespace)
         s = services(request)
         depth = s.queue.depth(namespace)
         published = int(s.redis.get(s.keys.version(namespace)) or 0)
@@ -285,10 +322,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/completions",
         response_model=CompletionOut,
-        responses=_problems(503),
+        responses=_problems(*GUARDED, 503),
         summary="OpenAI-compatible completion; `model` names the namespace",
     )
-    async def completions(request: Request, body: CompletionIn) -> CompletionOut:
+    async def completions(request: Request, body: CompletionIn, access: Reader) -> CompletionOut:
+        access.require(body.model)
         s = services(request)
         text, version = await _generate(
             s, s.engine.complete, body.prompt, body.model, body.max_tokens
@@ -304,10 +342,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/v1/chat/completions",
         response_model=ChatOut,
-        responses=_problems(503),
+        responses=_problems(*GUARDED, 503),
         summary="OpenAI-compatible chat: the last user message (else the last message) is asked",
     )
-    async def chat(request: Request, body: ChatIn) -> ChatOut:
+    async def chat(request: Request, body: ChatIn, access: Reader) -> ChatOut:
+        access.require(body.model)
         s = services(request)
         users = [m.content for m in body.messages if m.role == "user"]
         question = users[-1] if users else body.messages[-1].content
@@ -320,11 +359,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             adapter_version=version,
         )
 
-    @app.get("/v1/models", response_model=ModelList, summary="OpenAI-compatible: the namespaces")
-    def models(request: Request) -> ModelList:
+    @app.get(
+        "/v1/models",
+        response_model=ModelList,
+        responses=_problems(*GUARDED),
+        summary="OpenAI-compatible: the namespaces (those the API key covers)",
+    )
+    def models(request: Request, access: Reader) -> ModelList:
         s = services(request)
-        names = {"default", *s.engine.versions(), *s.store.namespaces()}
-        cards = [ModelCard(id=ns, adapter_version=s.engine.version(ns)) for ns in sorted(names)]
+        names = access.visible({"default", *s.engine.versions(), *s.store.namespaces()})
+        cards = [ModelCard(id=ns, adapter_version=s.engine.version(ns)) for ns in names]
         return ModelList(data=cards)
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -356,7 +400,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
-        """The generated schema, plus the limits this deployment enforces with 413."""
+        """The generated schema, plus the limits this deployment enforces with 413; without
+        auth, no bearer scheme, since no key is asked for."""
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
@@ -364,6 +409,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models = schema["components"]["schemas"]
             models["DocumentIn"]["properties"]["text"]["maxLength"] = settings.max_doc_chars
             models["DocumentBatchIn"]["properties"]["documents"]["maxItems"] = settings.max_batch
+            if not settings.auth:
+                schema["components"].pop("securitySchemes", None)
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -405,12 +455,13 @@ def _require_model(engine: ServingEngine) -> None:
         )
 
 
-async def _wait_applied(s: Services, body: AnswerIn) -> None:
-    """Return once every document in wait_for is in the version this replica serves."""
+async def _wait_applied(s: Services, body: AnswerIn, access: Access) -> None:
+    """Return once every document in wait_for is in the version this replica serves. Documents
+    the key cannot see count as unknown, so no tenant learns of another's."""
     deadline = time.monotonic() + body.timeout_s
     while True:
         records = await run_in_threadpool(s.docs.statuses, body.wait_for)
-        unknown = [i for i, r in records.items() if r is None]
+        unknown = [i for i, r in records.items() if r is None or not access.covers(r.namespace)]
         if unknown:
             raise HTTPException(404, f"wait_for names unknown document ids: {', '.join(unknown)}")
         elsewhere = [i for i, r in records.items() if r.namespace != body.namespace]

@@ -481,6 +481,140 @@ def _run_up(args: argparse.Namespace) -> int:
     return run_up(_service_settings(args))
 
 
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="API keys live, hashed, in the service's Redis: UPTAKE_REDIS_URL, else the "
+        "embedded server under UPTAKE_STORE_DIR (the one `uptake up` uses). See docs/security.md.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help="create a key; its token is printed once, as the last line"
+    )
+    create.add_argument(
+        "--namespace", required=True, help="the namespace the key is for, or '*' for every one"
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        help="read (answers), write (ingest) or admin; repeat for several",
+    )
+    create.add_argument(
+        "--rate-limit",
+        type=int,
+        default=None,
+        help="requests per minute for this key (default UPTAKE_RATE_LIMIT_PER_MINUTE; 0: none)",
+    )
+    actions.add_parser("list", help="list the keys (never their tokens)")
+    revoke = actions.add_parser("revoke", help="revoke a key: its token stops working at once")
+    revoke.add_argument("id", help="the key's id, as `uptake keys list` shows it")
+    p.set_defaults(handler=_run_keys)
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    import redis
+
+    from service.auth import KeyStore
+    from service.keys import Keys
+    from service.redis_conn import close_embedded, connect
+
+    settings = _service_settings(args)
+    client = connect(settings)
+    store = KeyStore(client, Keys(settings.redis_prefix))
+    try:
+        if args.action == "create":
+            key, token = store.create(args.namespace, tuple(args.scope), args.rate_limit)
+            limit = settings.rate_limit_per_minute if key.rate_limit is None else key.rate_limit
+            rate = f"{limit} requests per minute" if limit else "no rate limit"
+            print(
+                f"created API key {key.id} for namespace {key.namespace!r}, scopes "
+                f"{', '.join(key.scopes)}, {rate}. Keep the token below secret; it is not "
+                "shown again:"
+            )
+            print(token)
+        elif args.action == "list":
+            for key in store.list_keys():
+                created = datetime.fromtimestamp(key.created, timezone.utc).isoformat(
+                    timespec="seconds"
+                )
+                limit = "default" if key.rate_limit is None else str(key.rate_limit)
+                print(
+                    f"{key.id}  namespace={key.namespace}  scopes={','.join(key.scopes)}  "
+                    f"rate_limit={limit}  created={created}"
+                )
+        elif not store.revoke(args.id):
+            print(
+                f"uptake keys revoke: no API key with id {args.id!r}; see `uptake keys list`",
+                file=sys.stderr,
+            )
+            return 2
+        else:
+            print(f"revoked API key {args.id}")
+    except ValueError as exc:
+        print(f"uptake keys {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"uptake keys: Redis is unreachable ({exc}); check UPTAKE_REDIS_URL", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+        close_embedded()
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure the service against bare loops (writes bench.json, bench.md, bench.png)",
+        description="(a) worker vs a bare update loop, (b) HTTP answering at several "
+        "concurrencies vs sequential bare generate, (c) freshness at a sustained ingest rate, "
+        "(d) ingest and storage cost per document. Each pair is measured in the same run.",
+    )
+    p.add_argument("--model", default=None, help="model directory or hub id (default: the demo)")
+    p.add_argument("--out", default="bench", help="output directory (default: ./bench)")
+    p.add_argument("--quick", action="store_true", help="a short run (the CI regression check)")
+    p.add_argument(
+        "--fail-below",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="exit 1 if worker_vs_bare_ratio is below RATIO",
+    )
+    p.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from adaptation.bootstrap import ensure_demo_model
+    from service.bench import BenchConfig, run_bench
+    from service.redis_conn import close_embedded
+    from service.settings import Settings
+
+    settings = Settings()
+    settings.apply_torch_threads()
+    model = args.model or str(ensure_demo_model())
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    out = Path(args.out)
+    flags = ["--quick"] if args.quick else []
+    command = shlex.join(["uptake", "bench", *flags, "--model", model, "--out", args.out])
+    try:
+        report = run_bench(model, out, cfg, settings, command=command)
+    finally:
+        close_embedded()
+    print((out / "bench.md").read_text())
+    ratio = report["worker_vs_bare_ratio"]
+    if args.fail_below is not None and ratio < args.fail_below:
+        print(f"FAIL: worker_vs_bare_ratio {ratio:.2f} is below {args.fail_below:g}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uptake",
@@ -496,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_serve,
         _add_worker,
         _add_up,
+        _add_keys,
+        _add_bench,
     ):
         add(sub)
     return parser

@@ -8,6 +8,7 @@ and every answer reports the version it came from.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from adaptation.answering import generate_answers, generate_batched
 from adaptation.modeling import load_base
 from adaptation.prompts import qa_prompt
 from service.adapters import AdapterStore, published_versions
+from service.batching import AnswerBatcher
 from service.keys import Keys
 from service.settings import Settings
 
@@ -38,21 +40,30 @@ class ServingEngine:
         keys: Keys,
         store: AdapterStore,
         on_switch: Callable[[str, int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = client
         self.keys = keys
         self.store = store
         self.on_switch = on_switch
+        self.on_batch = on_batch
         self.error: str | None = None
         self._base: PreTrainedModel | None = None
         self._peft: PeftModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        # Request threads count prompt tokens while the batcher generates: a fast tokenizer's
+        # padding state is shared, so counting uses its own copy under its own lock.
+        self._counter: PreTrainedTokenizerBase | None = None
+        self._counter_lock = threading.Lock()
         self._adapters: dict[str, tuple[int, str]] = {}  # namespace -> (version, adapter name)
         self._rejected: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._batcher = AnswerBatcher(
+            self._answer_batch, settings.answer_batch, settings.answer_wait_ms / 1000
+        )
 
     @property
     def ready(self) -> bool:
@@ -65,6 +76,7 @@ class ServingEngine:
 
     def stop(self) -> None:
         self._stop.set()
+        self._batcher.close()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -72,6 +84,7 @@ class ServingEngine:
         model, tokenizer = load_base(self.settings.model, self.settings.device)
         model.requires_grad_(False)
         self._tokenizer = tokenizer
+        self._counter = copy.deepcopy(tokenizer)
         self._base = model
         log.info("engine: model %s loaded on %s", self.settings.model, model.device)
 
@@ -88,13 +101,22 @@ class ServingEngine:
                 self._switch(ns, version)
 
     def answer(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
-        """A closed-book answer in the QA format, and the adapter version it came from."""
+        """A closed-book answer in the QA format, and the adapter version it came from.
+        Concurrent calls are answered together in micro-batches."""
         budget = self._fit_context(qa_prompt(question), max_new_tokens, "question")
-        (text,), version = self._generate(
+        return self._batcher.answer(question, namespace, budget)
+
+    def _answer_batch(
+        self, namespace: str, questions: list[str], budget: int
+    ) -> tuple[list[str], int]:
+        if self.on_batch is not None:
+            self.on_batch(len(questions))
+        return self._generate(
             namespace,
-            lambda model, tok: generate_answers(model, tok, [question], max_new_tokens=budget),
+            lambda model, tok: generate_answers(
+                model, tok, questions, max_new_tokens=budget, batch_size=len(questions)
+            ),
         )
-        return text, version
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         """A raw greedy continuation of `prompt` (to the end of its line)."""
@@ -125,7 +147,7 @@ class ServingEngine:
 
     def _fit_context(self, prompt: str, max_new_tokens: int, what: str) -> int:
         """Shorten the answer budget so prompt plus answer fit the model's positions."""
-        if self._base is None or self._tokenizer is None:
+        if self._base is None or self._counter is None:
             raise RuntimeError("the model is not loaded yet")
         config = self._base.config
         limit = getattr(config, "max_position_embeddings", None) or getattr(
@@ -133,7 +155,8 @@ class ServingEngine:
         )
         if not limit:
             return max_new_tokens
-        used = len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with self._counter_lock:
+            used = len(self._counter(prompt, add_special_tokens=False)["input_ids"])
         if used >= limit:
             raise PromptTooLong(
                 f"the {what} takes {used} tokens but the model reads at most {limit}; "

@@ -43,3 +43,12 @@ class Keys:
     def stats(self, namespace: str) -> str:
         """Hash of counters the worker keeps, so any API replica can serve them as metrics."""
         return f"{self.prefix}:{namespace}:stats"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash of API keys, id → JSON record holding the token's sha256 (never the token)."""
+        return f"{self.prefix}:api-keys"
+
+    def rate_limit(self, key_id: str, window: int) -> str:
+        """Requests made with one API key in one rate-limit window (expires after it)."""
+        return f"{self.prefix}:ratelimit:{key_id}:{window}"

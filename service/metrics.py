@@ -120,6 +120,12 @@ class ApiMetrics:
             buckets=ANSWER_BUCKETS,
             registry=self.registry,
         )
+        self.answer_batch_size = Histogram(
+            "uptake_answer_batch_size",
+            "Questions answered together in one generate call (micro-batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.serving_version = Gauge(
             "uptake_adapter_version",
             "Adapter version this API replica serves",

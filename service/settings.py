@@ -69,10 +69,22 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=0.2, gt=0, description="engine's version poll")
     shutdown_seconds: float = Field(default=30.0, gt=0, description="grace for `uptake up`")
 
+    # Answering: concurrent questions share one generate call.
+    answer_batch: int = Field(default=32, ge=1, description="most questions per generate call")
+    answer_wait_ms: float = Field(
+        default=5.0, ge=0, description="how long a question waits for others to join its batch"
+    )
+
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    auth: bool = Field(default=False, description="API keys (not enforced yet)")
+    auth: bool = Field(
+        default=True,
+        description="require API keys (`uptake up` turns this off unless UPTAKE_AUTH is set)",
+    )
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="requests per API key per minute (0: no limit)"
+    )
 
     @field_validator("lora_targets", mode="before")
     @classmethod

@@ -35,9 +35,15 @@ def ensure_model(settings: Settings) -> None:
         ensure_demo_model()
 
 
+def local_auth(settings: Settings) -> bool:
+    """`uptake up` is local mode: API keys only when UPTAKE_AUTH asks for them explicitly."""
+    return "auth" in settings.model_fields_set and settings.auth
+
+
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        UPTAKE_AUTH=str(local_auth(settings)).lower(),
         UPTAKE_REDIS_URL=redis_url,
         UPTAKE_MODEL=settings.model,
         UPTAKE_HOST=settings.host,
@@ -85,8 +91,13 @@ def run_up(settings: Settings) -> int:
     redis_url = settings.redis_url or embedded.url  # type: ignore[union-attr]
     env = child_env(settings, redis_url)
     procs = {"worker": _spawn("worker", env), "api": _spawn("serve", env)}
+    access = (
+        "API keys required (`uptake keys create --namespace NS --scope read`)"
+        if local_auth(settings)
+        else "no API keys (local mode; UPTAKE_AUTH=true requires them)"
+    )
     print(
-        f"uptake up: API on http://{settings.host}:{settings.port} (docs at /docs), "
+        f"uptake up: API on http://{settings.host}:{settings.port} (docs at /docs), {access}, "
         f"Redis at {redis_url}, store in {settings.store_dir}. Ctrl-C stops.",
         flush=True,
     )

