@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,11 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 
+# from_pretrained builds models under a process-wide meta-device context: two threads loading at
+# once (an API engine and an in-process worker) corrupt each other's weights.
+_LOAD_LOCK = threading.Lock()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -48,9 +54,10 @@ def load_base(
     """Load a causal LM and its tokenizer from a local directory or a hub id, ready for inference."""
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype if dtype is not None else default_dtype(dev)
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with _LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
     prepare_tokenizer(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
     model.to(dev)
     model.eval()
     return model, tokenizer

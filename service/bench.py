@@ -67,22 +67,19 @@ def _quantile(values: list[float], q: float) -> float:
 # (a) Worker against a bare loop.
 
 
-def bare_update_rate(settings: Settings, texts: list[str]) -> float:
-    """Documents per second of the update steps alone: no Redis, no queue, no snapshots."""
-    model, tokenizer = load_base(settings.model, settings.device)
-    peft = attach_lora(model, settings.lora())
-    updater = OnlineUpdater(peft, settings.update())
-    weighter = build_weighter(settings)
+class BareLoop:
+    """The update steps alone, on their own copy of the model: no Redis, queue or snapshots."""
 
-    def step(text: str) -> None:
-        updater.apply([encode_weighted(text, tokenizer, weighter, settings.max_doc_tokens)])
+    def __init__(self, settings: Settings) -> None:
+        model, self.tokenizer = load_base(settings.model, settings.device)
+        self.updater = OnlineUpdater(attach_lora(model, settings.lora()), settings.update())
+        self.weighter = build_weighter(settings)
+        self.max_tokens = settings.max_doc_tokens
 
-    for text in texts[:WARMUP_DOCS]:
-        step(text)
-    started = time.perf_counter()
-    for text in texts[WARMUP_DOCS:]:
-        step(text)
-    return (len(texts) - WARMUP_DOCS) / (time.perf_counter() - started)
+    def run(self, texts: list[str]) -> None:
+        for text in texts:
+            weighted = encode_weighted(text, self.tokenizer, self.weighter, self.max_tokens)
+            self.updater.apply([weighted])
 
 
 def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float = 3600) -> None:
@@ -98,19 +95,35 @@ def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float 
     raise TimeoutError("the worker did not apply the benchmark documents in time")
 
 
-def worker_rate(settings: Settings, texts: list[str]) -> tuple[float, Worker]:
-    """Documents per second from submission to published snapshot, through the real worker."""
+def worker_vs_bare(
+    settings: Settings, texts: list[str], rounds: int = 3
+) -> tuple[float, float, Worker]:
+    """Documents per second of the bare loop and of the worker (submission to published
+    snapshot), alternating in rounds over the same documents so that a slow spell on a shared
+    machine hits both sides."""
+    bare = BareLoop(settings)
     worker = Worker(settings)
     worker.load()
     store = DocumentStore(worker.redis, worker.keys)
 
-    def submit(batch: list[str]) -> list[str]:
-        return [store.submit(t, NAMESPACE, source="bench").id for t in batch]
+    def through_worker(batch: list[str]) -> None:
+        _drain(worker, store, [store.submit(t, NAMESPACE, source="bench").id for t in batch])
 
-    _drain(worker, store, submit(texts[:WARMUP_DOCS]))
-    started = time.perf_counter()
-    _drain(worker, store, submit(texts[WARMUP_DOCS:]))
-    return (len(texts) - WARMUP_DOCS) / (time.perf_counter() - started), worker
+    bare.run(texts[:WARMUP_DOCS])
+    through_worker(texts[:WARMUP_DOCS])  # the first snapshot waits out its timer: not timed
+    # Whole snapshots per round: a partial one would wait out UPTAKE_SNAPSHOT_SECONDS idle.
+    every = settings.snapshot_every
+    rounds = max(1, min(rounds, (len(texts) - WARMUP_DOCS) // every))
+    size = (len(texts) - WARMUP_DOCS) // rounds // every * every or len(texts) - WARMUP_DOCS
+    measured = texts[WARMUP_DOCS : WARMUP_DOCS + size * rounds]
+    seconds = {"bare": 0.0, "worker": 0.0}
+    for r in range(rounds):
+        batch = measured[r * size : (r + 1) * size]
+        for side, run in (("bare", bare.run), ("worker", through_worker)):
+            started = time.perf_counter()
+            run(batch)
+            seconds[side] += time.perf_counter() - started
+    return len(measured) / seconds["bare"], len(measured) / seconds["worker"], worker
 
 
 def _dir_bytes(path: Path) -> int:
@@ -239,7 +252,9 @@ def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str
             futures.append(pool.submit(follow, doc))
             time.sleep(1 / rate)
         latencies = [f.result() for f in futures]
+    status = http.get("/v1/status", params={"namespace": NAMESPACE}).json()
     return {
+        "documents_applied": status["documents_applied"],
         "ingest_rate_docs_per_second": rate,
         "documents": len(docs),
         "p50_seconds": statistics.median(latencies),
@@ -271,10 +286,8 @@ def run_bench(
                 "auth": False,
             }
         )
-        log(f"(a) bare update loop on {cfg.docs} documents")
-        bare = bare_update_rate(settings, texts)
-        log(f"(a) worker through Redis on the same {cfg.docs} documents")
-        worker_dps, worker = worker_rate(settings, texts)
+        log(f"(a) bare update loop and worker through Redis, on the same {cfg.docs} documents")
+        bare, worker_dps, worker = worker_vs_bare(settings, texts)
         costs = ingest_costs(settings, worker, texts)
         client = worker.redis
         worker.shutdown()
@@ -303,8 +316,12 @@ def run_bench(
                 row = http_answering(http, questions, clients)
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
-        fresh_settings = settings.model_copy(
-            update={"redis_prefix": settings.redis_prefix + "-fresh", "snapshot_seconds": 1.0}
+        fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
+            update={
+                "redis_prefix": settings.redis_prefix + "-fresh",
+                "store_dir": Path(tmp) / "store-fresh",
+                "snapshot_seconds": 1.0,
+            }
         )
         with live_service(fresh_settings, with_worker=True) as http:
             log(f"(c) freshness at {cfg.ingest_rate:g} documents/s ({cfg.freshness_docs} docs)")
