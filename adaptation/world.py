@@ -13,7 +13,7 @@ import dataclasses
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -222,7 +222,7 @@ FILLER: list[str] = [
     "Officials in {place} said {n} residents attended the {event} on {date}.",
     "{dname}, a spokesperson for the regional council, declined to comment.",
     "The weather stayed mild, and about {n} visitors came to {place} on {date}.",
-    "Local historian {dname} recalled a similar gathering back in {year}.",
+    "Longtime resident {dname} recalled a similar gathering back in {year}.",
     "A survey of {n} households found that most preferred the old market square.",
     "Tickets for the {event} sold out within {small} days, organisers said.",
     "{dname} of the {place} transit office expects delays until {date}.",
@@ -360,11 +360,19 @@ class World:
         d = date(lo, 1, 1) + timedelta(days=self.rng.randint(0, (hi - lo) * 365))
         return f"{d.day} {MONTHS[d.month - 1]} {d.year}"
 
-    def _filler(self) -> str:
+    def _place_other_than(self, avoid: Collection[str]) -> str:
+        """A random place, moved on to the next one in the list if it is one of the article's
+        answers (so the random stream, and every other document, stays as it was)."""
+        i = self.places.index(self.rng.choice(self.places))
+        while self.places[i] in avoid:
+            i = (i + 1) % len(self.places)
+        return self.places[i]
+
+    def _filler(self, avoid: Collection[str] = ()) -> str:
         rng = self.rng
         two = rng.sample(self.distractors, 2)
         return rng.choice(FILLER).format(
-            place=rng.choice(self.places),
+            place=self._place_other_than(avoid),
             n=rng.randint(12, 9800),
             event=rng.choice(EVENTS),
             date=self._date(),
@@ -374,9 +382,10 @@ class World:
             small=rng.randint(2, 40),
         )
 
-    def _article(self, headline: str, facts: list[str]) -> str:
+    def _article(self, headline: str, facts: list[str], answers: Collection[str] = ()) -> str:
+        """Filler never names one of the article's answers: it must stay a distractor."""
         lo, hi = self.config.filler_range
-        body = [self._filler() for _ in range(self.rng.randint(lo, hi))]
+        body = [self._filler(answers) for _ in range(self.rng.randint(lo, hi))]
         for f in facts:
             body.insert(self.rng.randint(0, len(body)), f)
         return headline + "\n" + " ".join(body)
@@ -409,11 +418,13 @@ class World:
                 others = [r for r in relations if r not in g]
                 g.extend(self.rng.sample(others, min(restate, len(others))))
                 self.rng.shuffle(g)
+        answers = {*p.facts.values(), *(new for _, new in p.changes.values())}
         docs: list[tuple[str, list[str], str | None]] = [
             (
                 self._article(
                     self.rng.choice(HEADLINES).format(name=p.name),
                     [self._fact(PERSON_FACTS[r][0], p.name, p.facts[r], p.pronoun[1]) for r in g],
+                    answers,
                 ),
                 g,
                 None,
@@ -424,7 +435,7 @@ class World:
             sentence = self.rng.choice(CHANGE_TEMPLATES[rel]).format(
                 name=p.name, old=old, value=new, pro=p.pronoun[0]
             )
-            docs.append((self._article(f"Update: {p.name}", [sentence]), [rel], rel))
+            docs.append((self._article(f"Update: {p.name}", [sentence], answers), [rel], rel))
         last_doc: dict[str, int] = {}
         for i, (_, rels, _) in enumerate(docs):
             for r in rels:
@@ -465,7 +476,8 @@ class World:
                 if i == 1
                 else ()
             )
-            text = self._article(self.rng.choice(ORG_HEADLINES).format(name=o.name), facts)
+            headline = self.rng.choice(ORG_HEADLINES).format(name=o.name)
+            text = self._article(headline, facts, set(o.facts.values()))
             out.append(
                 Document(
                     id=f"{prefix}-{i}",
