@@ -11,9 +11,12 @@ costs at ingest and in storage.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +36,7 @@ from adaptation.weighting.base import encode_weighted
 from adaptation.world import World, WorldConfig
 from service.documents import DocumentStore
 from service.keys import Keys
+from service.redis_conn import redis_url
 from service.settings import Settings
 from service.worker import Worker, build_weighter
 
@@ -152,36 +156,46 @@ def ingest_costs(settings: Settings, worker: Worker, texts: list[str]) -> dict[s
 
 @contextmanager
 def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client]:
-    """The real app under uvicorn (and optionally the worker) in this process's threads."""
-    import socket
-
-    import uvicorn
-
-    from service.api import create_app
-
+    """The service as deployed: `uptake serve` (and `uptake worker`) as child processes, so the
+    benchmark's client threads do not share an interpreter with the server."""
     with socket.socket() as s:
         s.bind((settings.host, 0))
         port = int(s.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=settings.host, port=port, log_level="warning")
-    )
-    threads = [threading.Thread(target=server.run, daemon=True)]
-    worker = Worker(settings) if with_worker else None
-    if worker is not None:
-        threads.append(threading.Thread(target=worker.run_forever, daemon=True))
-    for t in threads:
-        t.start()
+    update: dict[str, object] = {"port": port, "redis_url": redis_url(settings)}
+    if with_worker and settings.torch_threads is None:  # two model processes share the cores
+        update["torch_threads"] = max(1, (os.cpu_count() or 2) // 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
+    env.update(settings.model_copy(update=update).to_env())
+    env.pop("UPTAKE_WORKER_ID")
+    logs = settings.store_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for command in ["serve", "worker"] if with_worker else ["serve"]:
+        with (logs / f"{command}.log").open("ab") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service.cli", command],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     http = httpx.Client(base_url=f"http://{settings.host}:{port}", timeout=600)
+
+    def ready() -> bool:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a service process exited during start-up; see {logs}")
+        return http.get("/readyz").status_code == 200
+
     try:
-        _wait(lambda: server.started and http.get("/readyz").status_code == 200, 600, "the API")
+        _wait(ready, 600, f"the API (logs in {logs})")
         yield http
     finally:
         http.close()
-        if worker is not None:
-            worker.stop()
-        server.should_exit = True
-        for t in threads:
-            t.join(timeout=60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=120)
 
 
 def _wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
@@ -364,12 +378,14 @@ def bench_markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| clients | answers/s | p50 s | p99 s | p99 / p50 |",
-        "| --- | --- | --- | --- | --- |",
+        "| clients | answers/s | × 1 client | p50 s | p99 s | p99 / p50 |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    single = report["answering"][0]["answers_per_second"]
     for row in report["answering"]:
         lines.append(
-            f"| {row['clients']} | {row['answers_per_second']:.1f} | {row['p50_seconds']:.3f} | "
+            f"| {row['clients']} | {row['answers_per_second']:.1f} | "
+            f"{row['answers_per_second'] / single:.2f} | {row['p50_seconds']:.3f} | "
             f"{row['p99_seconds']:.3f} | {row['p99_seconds'] / row['p50_seconds']:.2f} |"
         )
     lines += [

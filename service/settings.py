@@ -101,6 +101,17 @@ class Settings(BaseSettings):
 
             torch.set_num_threads(self.torch_threads)
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `UPTAKE_*` variables, so a child process sees exactly them."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            env[f"UPTAKE_{name.upper()}"] = str(value)
+        return env
+
     def lora(self) -> LoraSettings:
         return LoraSettings(
             rank=self.lora_rank, alpha=self.lora_alpha, target_modules=self.lora_targets

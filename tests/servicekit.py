@@ -112,12 +112,7 @@ def make_settings(
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as UPTAKE_* variables, for child processes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        env[f"UPTAKE_{name.upper()}"] = str(value)
+    env.update(settings.to_env())
     env.pop("UPTAKE_WORKER_ID", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
