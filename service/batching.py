@@ -2,8 +2,8 @@
 
 Decoder-only generation costs about the same for 1 or 32 short prompts on the same hardware, so
 questions that arrive together are gathered for at most `max_wait` seconds (or until `max_batch`
-are waiting) and answered in one call. Questions for different namespaces run as separate groups,
-since each namespace answers from its own adapter.
+are waiting) and answered in one call. Questions for different namespaces share the call too:
+each row of the batch runs through its own namespace's adapter.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-# Answers a group of questions for one namespace with one token budget; returns the answers and
-# the adapter version they came from.
-RunBatch = Callable[[str, list[str], int], tuple[list[str], int]]
+# Answers (namespace, question) pairs with one token budget; returns each answer with the adapter
+# version it came from.
+RunBatch = Callable[[list[tuple[str, str]], int], list[tuple[str, int]]]
 
 
 @dataclass
@@ -66,15 +66,15 @@ class AnswerBatcher:
             self._serve(batch)
 
     def _serve(self, batch: list[_Question]) -> None:
-        groups: dict[tuple[str, int], list[_Question]] = {}
+        groups: dict[int, list[_Question]] = {}
         for q in batch:
-            groups.setdefault((q.namespace, q.budget), []).append(q)
-        for (namespace, budget), group in groups.items():
+            groups.setdefault(q.budget, []).append(q)
+        for budget, group in groups.items():
             try:
-                answers, version = self.run_batch(namespace, [q.text for q in group], budget)
+                answers = self.run_batch([(q.namespace, q.text) for q in group], budget)
             except Exception as exc:  # each waiting request gets the error, the thread lives on
                 for q in group:
                     q.result.set_exception(exc)
                 continue
-            for q, text in zip(group, answers, strict=True):
-                q.result.set_result((text, version))
+            for q, answer in zip(group, answers, strict=True):
+                q.result.set_result(answer)

@@ -28,6 +28,10 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# peft's name for "no adapter" in a mixed batch.
+BASE_ADAPTER = "__base__"
+
+
 class PromptTooLong(ValueError):
     """The prompt alone fills the model's context window."""
 
@@ -106,17 +110,30 @@ class ServingEngine:
         budget = self._fit_context(qa_prompt(question), max_new_tokens, "question")
         return self._batcher.answer(question, namespace, budget)
 
-    def _answer_batch(
-        self, namespace: str, questions: list[str], budget: int
-    ) -> tuple[list[str], int]:
+    def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
+        """One generate call for questions from any namespaces: peft routes each row through its
+        namespace's adapter (`__base__` where none is published)."""
+        assert self._base is not None and self._tokenizer is not None
         if self.on_batch is not None:
-            self.on_batch(len(questions))
-        return self._generate(
-            namespace,
-            lambda model, tok: generate_answers(
-                model, tok, questions, max_new_tokens=budget, batch_size=len(questions)
-            ),
-        )
+            self.on_batch(len(asks))
+        questions = [q for _, q in asks]
+        with self._lock:
+            served = [self._adapters.get(ns, (0, "")) for ns, _ in asks]
+            if self._peft is None:
+                model, extra = self._base, {}
+            else:
+                self._peft.eval()
+                model = self._peft
+                extra = {"adapter_names": [name or BASE_ADAPTER for _, name in served]}
+            texts = generate_answers(
+                model,
+                self._tokenizer,
+                questions,
+                max_new_tokens=budget,
+                batch_size=len(questions),
+                **extra,
+            )
+        return [(text, version) for text, (version, _) in zip(texts, served, strict=True)]
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         """A raw greedy continuation of `prompt` (to the end of its line)."""

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+import torch
 
+from adaptation.modeling import attach_lora, load_base, lora_parameters, save_adapter
+from service.adapters import AdapterStore, publish_version
 from service.batching import AnswerBatcher
+from service.engine import ServingEngine
+from service.keys import Keys
+from service.redis_conn import client
+from service.settings import Settings
 from tests.servicekit import (
     drop_prefix,
     live_api,
@@ -22,14 +30,14 @@ from tests.servicekit import (
 )
 
 
-def test_concurrent_questions_are_grouped_by_namespace_and_routed_back() -> None:
-    calls: list[tuple[str, list[str]]] = []
+def test_concurrent_questions_share_calls_across_namespaces_and_are_routed_back() -> None:
+    calls: list[list[tuple[str, str]]] = []
     gate = threading.Event()
 
-    def run_batch(namespace: str, questions: list[str], budget: int) -> tuple[list[str], int]:
+    def run_batch(asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
         gate.wait(5)  # hold the first call so the others pile up behind it
-        calls.append((namespace, questions))
-        return [f"{namespace}:{q}" for q in questions], len(calls)
+        calls.append(asks)
+        return [(f"{ns}:{q}", len(calls)) for ns, q in asks]
 
     batcher = AnswerBatcher(run_batch, max_batch=64, max_wait=0.05)
     asks = [(f"q{i}", "a" if i % 2 else "b") for i in range(24)]
@@ -40,16 +48,16 @@ def test_concurrent_questions_are_grouped_by_namespace_and_routed_back() -> None
         results = [f.result(timeout=10) for f in futures]
     batcher.close()
     assert [text for text, _ in results] == [f"{ns}:{q}" for q, ns in asks]
-    assert all({ns} == {n for n, _ in calls if n == ns} for _, ns in asks)
-    assert sum(len(qs) for _, qs in calls) == len(asks)
+    assert sum(len(c) for c in calls) == len(asks)
     assert len(calls) < len(asks) / 2, calls
+    assert any(len({ns for ns, _ in c}) == 2 for c in calls)  # one call served both namespaces
 
 
 def test_a_failing_batch_fails_its_callers_and_the_batcher_lives_on() -> None:
-    def run_batch(namespace: str, questions: list[str], budget: int) -> tuple[list[str], int]:
-        if "boom" in questions:
+    def run_batch(asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
+        if any(q == "boom" for _, q in asks):
             raise RuntimeError("generation failed")
-        return list(questions), 0
+        return [(q, 0) for _, q in asks]
 
     batcher = AnswerBatcher(run_batch, max_batch=8, max_wait=0.0)
     with pytest.raises(RuntimeError, match="generation failed"):
@@ -99,3 +107,59 @@ def test_concurrent_http_answers_match_sequential_ones_in_fewer_calls(api: httpx
     assert concurrent == sequential
     assert asked - asked_before == len(questions)
     assert calls - calls_before < len(questions) / 2
+
+
+def _publish_random_adapter(
+    settings: Settings, client: redis.Redis, namespace: str, seed: int
+) -> None:
+    """A LoRA adapter with large random weights, so its namespace answers differently."""
+    model, _ = load_base(settings.model, "cpu")
+    peft = attach_lora(model, settings.lora())
+    torch.manual_seed(seed)
+    for param in lora_parameters(peft).values():
+        param.data.normal_(0, 0.5)
+    store = AdapterStore(settings.adapters_dir())
+    store.write(namespace, 0, [], 0, lambda d: save_adapter(peft, d))
+    keys = Keys(settings.redis_prefix)
+    client.sadd(keys.namespaces, namespace)
+    publish_version(client, keys, namespace, 1)
+
+
+def test_one_generate_call_serves_several_namespaces_each_through_its_adapter(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = make_settings(tiny_model_dir, tmp_path / "store", url, prefix, answer_wait_ms=50)
+        r = client(url)
+        for seed, ns in enumerate(("alpha", "beta")):
+            _publish_random_adapter(settings, r, ns, seed)
+        sizes: list[int] = []
+        keys = Keys(prefix)
+        engine = ServingEngine(
+            settings, r, keys, AdapterStore(settings.adapters_dir()), on_batch=sizes.append
+        )
+        try:
+            engine.load()
+            engine.refresh()
+            asks = [
+                (f"Where does person {i} live?", ns)
+                for i in range(6)
+                for ns in ("alpha", "beta", "default")
+            ]
+            sequential = [engine.answer(q, ns, 6) for q, ns in asks]
+            sizes.clear()
+            with ThreadPoolExecutor(len(asks)) as pool:
+                concurrent = list(pool.map(lambda a: engine.answer(a[0], a[1], 6), asks))
+        finally:
+            engine.stop()
+            drop_prefix(url, prefix)
+            r.close()
+    assert concurrent == sequential
+    assert {v for (_, v), (_, ns) in zip(sequential, asks) if ns != "default"} == {1}
+    by_ns = {
+        ns: [t for (t, _), (_, n) in zip(sequential, asks) if n == ns]
+        for ns in ("alpha", "beta", "default")
+    }
+    assert by_ns["alpha"] != by_ns["beta"] != by_ns["default"]  # each adapter does answer
+    assert len(sizes) < len(asks) / 2 and max(sizes) > 1, sizes
