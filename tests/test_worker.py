@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import redis
 import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
 
 from adaptation.modeling import lora_parameters
+from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 from service.documents import DocumentStore
 from service.keys import Keys
 from service.metrics import WorkerStats
@@ -191,3 +194,41 @@ def test_entries_in_hand_survive_a_redis_error(settings: Settings) -> None:
         thread.join(timeout=60)
     assert calls["n"] >= 4
     assert sorted(worker.store.lineage("ns", worker.store.latest("ns"))) == sorted(ids)
+
+
+def test_the_worker_applies_camels_weighted_updates_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """UPTAKE_STRATEGY=camels with UPTAKE_WEIGHTER=DIR: the weighting model's weights drive the
+    update. A model that weighs every token ~0 leaves the adapter's B matrices at zero; the
+    untrained one (every token ln2/beta) moves them."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_model_dir))
+    spec = CamelsSpec(hidden=32, layers=1, heads=2, intermediate=64, head_hidden=16)
+    texts = [f"Person {i} was born in Town {i} in {1900 + i}." for i in range(4)]
+    moved: dict[str, float] = {}
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        for label, bias in (("silent", -40.0), ("untrained", 0.0)):
+            weighter = CamelsWeighter(tokenizer, spec)
+            torch.nn.init.constant_(weighter.head[-1].bias, bias)
+            settings = make_settings(
+                tiny_model_dir,
+                tmp_path / "store",
+                url,
+                prefix,
+                worker_id=label,
+                strategy="camels",
+                weighter=weighter.save(tmp_path / label),
+            )
+            docs = _docs(settings)
+            ids = [docs.submit(t, label).id for t in texts]
+            worker = Worker(settings)
+            _drain(worker, _all_applied(docs, ids))
+            worker.shutdown()
+            latest = worker.store.latest(label)
+            assert worker.store.manifest(label, latest).info["strategy"] == "camels"
+            state = load_file(str(worker.store.path(label, latest) / "adapter_model.safetensors"))
+            moved[label] = sum(float(v.abs().sum()) for k, v in state.items() if "lora_B" in k)
+        drop_prefix(url, prefix)
+    assert moved["silent"] == 0.0
+    assert moved["untrained"] > 0.0
