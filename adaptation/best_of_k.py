@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adaptation.answering import generate_answers
 from adaptation.data import QA
 from adaptation.metrics import score
-from adaptation.prompts import qa_example
+from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.self_edit import (
     apply_with_self_edits,
     parse_qa_pairs,
@@ -50,20 +50,8 @@ def answer_nll(
     out: list[float] = []
     try:
         for start in range(0, len(pairs), batch_size):
-            seqs = []
-            for question, answer in pairs[start : start + batch_size]:
-                prompt, completion = qa_example(question, answer)
-                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-                seqs.append((list(p) + list(c), len(p)))
-            width = max(len(s) for s, _ in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for i, (s, n_prompt) in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-                labels[i, n_prompt : len(s)] = torch.tensor(s[n_prompt:])
-                mask[i, : len(s)] = 1
+            seqs = [qa_tokens(tokenizer, q, a) for q, a in pairs[start : start + batch_size]]
+            ids, labels, mask = answer_batch(seqs, pad_id=0)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             targets = labels[:, 1:].to(device)
             nll = F.cross_entropy(

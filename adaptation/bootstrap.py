@@ -24,7 +24,7 @@ from adaptation.data import Document, all_questions, read_documents
 from adaptation.metrics import score
 from adaptation.modeling import default_device
 from adaptation.paths import demo_model_dir, demo_world_dir
-from adaptation.prompts import qa_example
+from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.tokenizer import train_bpe_tokenizer
 from adaptation.world import WorldConfig, write_world
 
@@ -95,25 +95,8 @@ def _encode_qa(
                 rng.shuffle(pair)
                 contexts.append("\n".join(pair))
             for ctx in contexts:
-                prompt, completion = qa_example(q.question, q.answers[0], ctx)
-                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                c_ids = tok(completion, add_special_tokens=False)["input_ids"]
-                out.append((p_ids + c_ids, len(p_ids)))
+                out.append(qa_tokens(tok, q.question, q.answers[0], ctx))
     return out
-
-
-def _batch(
-    seqs: list[tuple[list[int], int]], pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, (s, start) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, start : len(s)] = torch.tensor(s[start:])
-        mask[i, : len(s)] = 1
-    return ids, labels, mask
 
 
 def _make_batches(
@@ -216,7 +199,7 @@ def build_demo_model(
     )
     for epoch in range(1, spec.epochs + 1):
         for batch in _make_batches(doc_ids, qa, spec, rng):
-            ids, labels, mask = (t.to(device) for t in _batch(batch, tok.pad_token_id))
+            ids, labels, mask = (t.to(device) for t in answer_batch(batch, tok.pad_token_id))
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from adaptation.data import Document, read_documents
 from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
-from adaptation.prompts import qa_example
+from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.updater import Normalisation, weighted_lm_loss
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 
@@ -206,10 +206,7 @@ class MetaLearner:
         for q in doc.questions:
             if not q.answers:
                 continue
-            prompt, completion = qa_example(q.question, q.answers[0])
-            p_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-            qa.append((list(p_ids) + list(c_ids), len(p_ids)))
+            qa.append(qa_tokens(self.tokenizer, q.question, q.answers[0]))
         prepared = PreparedDoc(
             id=doc.id,
             key=_entity_key(doc),
@@ -272,15 +269,7 @@ class MetaLearner:
         seqs = [qa for d in docs for qa in d.qa]
         if not seqs:
             raise ValueError("an episode needs at least one question with an answer")
-        width = max(len(s) for s, _ in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, (s, prompt_len) in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            labels[i, prompt_len : len(s)] = torch.tensor(s[prompt_len:])
-            mask[i, : len(s)] = 1
-        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        ids, labels, mask = (t.to(self.device) for t in answer_batch(seqs, pad_id=0))
         logits = self._logits(theta, ids, mask)
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)).float(),

@@ -35,7 +35,6 @@ from adaptation.updater import OnlineUpdater
 from adaptation.weighting.base import encode_weighted
 from adaptation.world import World, WorldConfig
 from service.documents import DocumentStore
-from service.keys import Keys
 from service.redis_conn import redis_url
 from service.settings import Settings
 from service.worker import Worker, build_weighter
@@ -134,14 +133,13 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def ingest_costs(settings: Settings, worker: Worker, texts: list[str]) -> dict[str, float]:
+def ingest_costs(worker: Worker, texts: list[str]) -> dict[str, float]:
     """(d) Bytes each document leaves behind: its Redis record and its share of a snapshot."""
     store = worker.store
     latest = store.latest(NAMESPACE)
     snapshot = _dir_bytes(store.path(NAMESPACE, latest))
-    keys = Keys(settings.redis_prefix)
     ids = list(store.lineage(NAMESPACE, latest))
-    redis_bytes = sum(worker.redis.memory_usage(keys.doc(i)) or 0 for i in ids)
+    redis_bytes = sum(worker.redis.memory_usage(worker.keys.doc(i)) or 0 for i in ids)
     return {
         "documents": len(ids),
         "snapshot_bytes": snapshot,
@@ -164,9 +162,7 @@ def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client
     update: dict[str, object] = {"port": port, "redis_url": redis_url(settings)}
     if with_worker and settings.torch_threads is None:  # two model processes share the cores
         update["torch_threads"] = max(1, (os.cpu_count() or 2) // 2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
-    env.update(settings.model_copy(update=update).to_env())
-    env.pop("UPTAKE_WORKER_ID")
+    env = settings.model_copy(update=update).child_env()
     logs = settings.store_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -302,7 +298,7 @@ def run_bench(
         )
         log(f"(a) bare update loop and worker through Redis, on the same {cfg.docs} documents")
         bare, worker_dps, worker = worker_vs_bare(settings, texts)
-        costs = ingest_costs(settings, worker, texts)
+        costs = ingest_costs(worker, texts)
         client = worker.redis
         worker.shutdown()
         log(f"(b) bare generate: {len(questions)} sequential questions")

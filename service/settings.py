@@ -101,10 +101,11 @@ class Settings(BaseSettings):
 
             torch.set_num_threads(self.torch_threads)
 
-    def to_env(self) -> dict[str, str]:
-        """These settings as `UPTAKE_*` variables, so a child process sees exactly them."""
-        env = {}
-        for name, value in self.model_dump().items():
+    def child_env(self) -> dict[str, str]:
+        """This process's environment with these settings as `UPTAKE_*` variables, so a child
+        process sees exactly them; the worker id is left out, since each process names itself."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
+        for name, value in self.model_dump(exclude={"worker_id"}).items():
             if value is None:
                 continue
             if isinstance(value, tuple):

@@ -111,9 +111,7 @@ def make_settings(
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as UPTAKE_* variables, for child processes."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPTAKE_")}
-    env.update(settings.to_env())
-    env.pop("UPTAKE_WORKER_ID", None)
+    env = settings.child_env()
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -31,7 +31,7 @@ from adaptation.mac.networks import MacConfig, MacNetworks
 from adaptation.mac.system import MacSystem
 from adaptation.metrics import score
 from adaptation.modeling import load_base
-from adaptation.prompts import qa_example
+from adaptation.prompts import qa_tokens
 from adaptation.updater import weighted_lm_loss
 
 
@@ -128,11 +128,9 @@ def _prepare(
         for qa in doc.questions:
             if not qa.answers:
                 continue
-            prompt, completion = qa_example(qa.question, qa.answers[0])
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            lm_tokens, prompt_length = qa_tokens(tokenizer, qa.question, qa.answers[0])
             q = token_lists(tokenizer, [qa.question], config.question.max_length)[0]
-            qas.append(_QA(q, p + c, len(p)))
+            qas.append(_QA(q, lm_tokens, prompt_length))
         out.append(_Doc(tokens, tuple(qas)))
     return out
 
