@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from adaptation.answering import generate_answers
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.metrics import score
-from adaptation.modeling import LoraSettings, attach_lora, load_base
+from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, load_base
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import Weighter, encode_weighted, make_weighter
 
@@ -49,6 +49,7 @@ class EvalConfig:
     steps_per_doc: int = 1
     normalisation: str = "tokens"
     lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_TARGET_MODULES
     seeds: tuple[int, ...] = (0,)
     limit: int | None = None
     checkpoints: int = 5
@@ -72,7 +73,10 @@ class LoraMethod:
     ) -> None:
         torch.manual_seed(seed)
         base, self.tokenizer = load_base(model_dir, device=cfg.device)
-        self.model = attach_lora(base, LoraSettings(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank))
+        lora = LoraSettings(
+            rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, target_modules=cfg.lora_targets
+        )
+        self.model = attach_lora(base, lora)
         self.weighter = weighter
         self.name = weighter.name
         self.updater = OnlineUpdater(

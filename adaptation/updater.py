@@ -166,7 +166,11 @@ class OnlineUpdater:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume a stream. The configured learning rate wins over the saved one, so a stream
+        resumed under a new rate takes its next steps at that rate."""
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr
         self._recent.extend(state.get("recent", []))
         self.steps_applied = int(state.get("steps_applied", 0))
         self.steps_rolled_back = int(state.get("steps_rolled_back", 0))

@@ -4,6 +4,10 @@ Layout: `{root}/{namespace}/v{N:06d}/` holding the backend's files (PEFT adapter
 and `manifest.json`. A snapshot is written into a hidden temporary directory, fsynced and renamed
 into place, so a reader sees either the whole snapshot or none of it. Version 0 is the bare base
 model and has no directory. The newest version is also published in Redis for the serving engines.
+
+A snapshot damaged after the fact (a disk fault, a file system that dropped writes) is found by
+`damaged` and moved into `{root}/{namespace}/.quarantine/` by `quarantine`; version numbers are
+never reused, so a number always names one set of weights.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -26,11 +30,9 @@ from service.keys import Keys
 
 MANIFEST = "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_QUARANTINED_DIR = re.compile(r"^v(\d{6,})-")
 _TMP_PREFIX = ".tmp-"
-
-
-class CorruptSnapshot(RuntimeError):
-    """A snapshot whose files no longer match the checksum in its manifest."""
+QUARANTINE = ".quarantine"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ class Manifest:
             checksum=str(raw["checksum"]),
             info=dict(raw.get("info", {})),
         )
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A snapshot that cannot be trusted, why, and the documents its manifest names (if readable)."""
+
+    version: int
+    reason: Literal["manifest", "checksum", "orphan"]
+    doc_ids: tuple[str, ...] = ()
 
 
 def checksum(directory: Path) -> str:
@@ -124,8 +135,59 @@ class AdapterStore:
         directory = self.path(namespace, version)
         try:
             return checksum(directory) == self.manifest(namespace, version).checksum
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return False
+
+    def damaged(self, namespace: str) -> list[Damage]:
+        """Every snapshot that cannot be resumed from, oldest first: an unreadable or foreign
+        manifest, files that do not match its checksum, or a parent that is itself damaged or
+        gone (its lineage could not be rebuilt)."""
+        intact, out = {0}, []
+        for version in self.versions(namespace):
+            try:
+                manifest = self.manifest(namespace, version)
+            except (OSError, ValueError, KeyError, TypeError):
+                out.append(Damage(version, "manifest"))
+                continue
+            if manifest.version != version or manifest.namespace != namespace:
+                out.append(Damage(version, "manifest", manifest.doc_ids))
+            elif not self.verify(namespace, version):
+                out.append(Damage(version, "checksum", manifest.doc_ids))
+            elif manifest.parent not in intact:
+                out.append(Damage(version, "orphan", manifest.doc_ids))
+            else:
+                intact.add(version)
+        return out
+
+    def quarantine(self, namespace: str, damaged: Iterable[Damage]) -> list[Path]:
+        """Move damaged snapshots into `.quarantine/vNNNNNN-<reason>`, kept for inspection."""
+        base = self.root / namespace
+        target = base / QUARANTINE
+        moved = []
+        for damage in damaged:
+            if not target.is_dir():
+                target.mkdir()
+                _fsync(base)
+            dest = target / f"v{damage.version:06d}-{damage.reason}"
+            os.rename(self.path(namespace, damage.version), dest)
+            moved.append(dest)
+        if moved:
+            _fsync(target)
+            _fsync(base)
+        return moved
+
+    def quarantined(self, namespace: str) -> list[str]:
+        """Names of the snapshots moved into quarantine, oldest version first."""
+        target = self.root / namespace / QUARANTINE
+        if not target.is_dir():
+            return []
+        return sorted(p.name for p in target.iterdir() if _QUARANTINED_DIR.match(p.name))
+
+    def _next_version(self, namespace: str) -> int:
+        """One past every version ever written, quarantined ones included: a serving engine or a
+        document record that knew the old number must never meet different weights under it."""
+        found = (_QUARANTINED_DIR.match(name) for name in self.quarantined(namespace))
+        return max([self.latest(namespace), *(int(m.group(1)) for m in found if m)]) + 1
 
     def lineage(self, namespace: str, version: int) -> dict[str, int]:
         """Every document id in the chain ending at `version`, mapped to the version that added it."""
@@ -147,8 +209,10 @@ class AdapterStore:
     ) -> Manifest:
         """Write snapshot `latest + 1` atomically; `write_state(dir)` fills in the backend's files."""
         base = self.root / namespace
-        base.mkdir(parents=True, exist_ok=True)
-        version = self.latest(namespace) + 1
+        if not base.is_dir():
+            base.mkdir(parents=True)
+            _fsync(base.parent)  # the new namespace directory's entry must survive a crash too
+        version = self._next_version(namespace)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}v{version:06d}-", dir=base))
         try:
             write_state(tmp)
@@ -180,6 +244,8 @@ class AdapterStore:
         partial = [p for p in base.iterdir() if p.name.startswith(_TMP_PREFIX)]
         for p in partial:
             shutil.rmtree(p, ignore_errors=True)
+        if partial:
+            _fsync(base)
         return len(partial)
 
 

@@ -27,13 +27,15 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.adapters import AdapterStore
 from service.auth import Access, Authority, Scope, bearer
-from service.documents import DocumentStore, IdConflict
-from service.engine import PromptTooLong, ServingEngine
+from service.documents import SETTLED, DocumentRecord, DocumentStore, IdConflict
+from service.engine import PromptTooLong, ServingEngine, open_engine
 from service.keys import Keys
 from service.metrics import ApiMetrics
+from service.namespaces import NamespaceStore, Refused, available_strategies, check_rollback
 from service.queue import Queue
 from service.redis_conn import connect
 from service.schemas import (
@@ -54,19 +56,28 @@ from service.schemas import (
     DocumentOut,
     DocumentsAccepted,
     DocumentsIn,
+    EffectiveSettings,
     Health,
     ManifestOut,
     ModelCard,
     ModelList,
     Namespace,
+    NamespaceConfig,
+    NamespaceOut,
+    Operation,
     Problem,
+    RollbackIn,
     StatusOut,
+    json_depth,
 )
-from service.settings import Settings
+from service.settings import NAMESPACE_PATTERN, Settings
 
 log = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 0.1
+# How much of a rejected input a 422 repeats back.
+ECHO_CHARS = 200
+ECHO_DEPTH = 4
 _REDIS_DOWN = "Redis is unreachable, so nothing can be queued or looked up right now; retry shortly"
 
 
@@ -81,6 +92,7 @@ class Services:
     engine: ServingEngine
     metrics: ApiMetrics
     authority: Authority
+    namespaces: NamespaceStore
 
     @classmethod
     def start(cls, settings: Settings) -> Services:
@@ -88,7 +100,7 @@ class Services:
         keys = Keys(settings.redis_prefix)
         store = AdapterStore(settings.adapters_dir())
         metrics = ApiMetrics(client, keys)
-        engine = ServingEngine(
+        engine = open_engine(
             settings,
             client,
             keys,
@@ -107,11 +119,22 @@ class Services:
             engine,
             metrics,
             Authority(settings, client, keys),
+            NamespaceStore(client, keys),
         )
 
     def close(self) -> None:
         self.engine.stop()
         self.redis.close()
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -133,8 +156,12 @@ def _requires(*scopes: Scope) -> Any:
 
 Reader = Annotated[Access, _requires("read")]
 Writer = Annotated[Access, _requires("write")]
-# Whoever ingests follows what became of the documents; readers pass them in wait_for.
-Tracker = Annotated[Access, _requires("read", "write")]
+Admin = Annotated[Access, _requires("admin")]
+# Whoever ingests follows what became of the documents, readers pass them in wait_for, and an
+# admin checks what a forget did.
+Tracker = Annotated[Access, _requires("read", "write", "admin")]
+NamespacePath = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
+DocIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 GUARDED = (401, 403, 429)
 
 
@@ -170,8 +197,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{**e, "input": _echo(e["input"])} if "input" in e else e for e in exc.errors()]
         # Escape non-ASCII: the rejected input may hold lone surrogates that UTF-8 cannot carry.
-        content = json.dumps({"detail": jsonable_encoder(exc.errors())}, ensure_ascii=True)
+        content = json.dumps({"detail": jsonable_encoder(errors)}, ensure_ascii=True)
         return Response(content, status_code=422, media_type="application/json")
 
     @app.exception_handler(StarletteHTTPException)
@@ -179,6 +207,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode at all
             msg = "the request body is not valid JSON in UTF-8; send a JSON object"
             return await invalid_input(request, _unprocessable(("body",), msg, "json_invalid"))
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            allowed = ", ".join(_allowed_methods(request))
+            return JSONResponse(
+                status_code=405,
+                content={"detail": f"{request.method} is not allowed here; use {allowed}"},
+                headers={"Allow": allowed},
+            )
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(redis.RedisError)
@@ -227,17 +262,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/documents/{doc_id}",
         response_model=DocumentOut,
         responses=_problems(*GUARDED, 404, 503),
-        summary="A document's status: queued, applied (with its adapter version), failed or dead",
+        summary="A document's status: queued, applied (with its adapter version), failed, dead, "
+        "held (by the update guard), forgotten or rolled_back",
     )
-    def get_document(
-        request: Request, doc_id: Annotated[str, Path(pattern=ID_PATTERN)], access: Tracker
-    ) -> DocumentOut:
-        record = services(request).docs.get(doc_id)
-        # Another tenant's document is reported as missing: a 403 would confirm that it exists.
-        if record is None or not access.covers(record.namespace):
-            raise HTTPException(
-                404, f"no document with id {doc_id!r}; ids come from POST /v1/documents"
-            )
+    def get_document(request: Request, doc_id: DocIdPath, access: Tracker) -> DocumentOut:
+        record = _document(services(request), doc_id, access)
         return DocumentOut(
             id=record.id,
             namespace=record.namespace,
@@ -250,6 +279,79 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             created=record.created,
             updated=record.updated,
         )
+
+    @app.delete(
+        "/v1/documents/{doc_id}",
+        status_code=202,
+        response_model=Operation,
+        responses=_problems(*GUARDED, 404, 503),
+        summary="Forget a document: its namespace's worker replays the lineage without it and "
+        "publishes the result as a new version",
+    )
+    def forget_document(request: Request, doc_id: DocIdPath, access: Admin) -> Operation:
+        s = services(request)
+        record = _document(s, doc_id, access)
+        return s.namespaces.request(record.namespace, "forget", document=doc_id)
+
+    @app.put(
+        "/v1/namespaces/{namespace}",
+        response_model=NamespaceOut,
+        responses=_problems(*GUARDED, 503),
+        summary="Create or configure a namespace: mode, strategy, learning rate, steps per "
+        "document, and the update guard's probe questions and epsilon",
+    )
+    def configure_namespace(
+        request: Request, namespace: NamespacePath, body: NamespaceConfig, access: Admin
+    ) -> NamespaceOut:
+        access.require(namespace)
+        if body.mode not in (None, settings.mode):
+            raise _unprocessable(
+                ("body", "mode"),
+                f"mode {body.mode!r} is not what this deployment's worker runs "
+                f"(UPTAKE_MODE={settings.mode}); use {settings.mode!r} or leave it out",
+                "value_error",
+            )
+        usable = available_strategies(settings)
+        if body.strategy is not None and body.strategy not in usable:
+            raise _unprocessable(
+                ("body", "strategy"),
+                f"strategy {body.strategy!r} needs a saved weighter this deployment lacks "
+                f"(UPTAKE_WEIGHTER serves UPTAKE_STRATEGY={settings.strategy}); choose one of "
+                f"{', '.join(usable)}",
+                "value_error",
+            )
+        s = services(request)
+        s.namespaces.configure(namespace, body)
+        return _namespace(s, namespace)
+
+    @app.get(
+        "/v1/namespaces/{namespace}",
+        response_model=NamespaceOut,
+        responses=_problems(*GUARDED, 503),
+        summary="A namespace's settings (its own and in effect) and its pending operations",
+    )
+    def get_namespace(request: Request, namespace: NamespacePath, access: Admin) -> NamespaceOut:
+        access.require(namespace)
+        return _namespace(services(request), namespace)
+
+    @app.post(
+        "/v1/namespaces/{namespace}/rollback",
+        status_code=202,
+        response_model=Operation,
+        responses=_problems(*GUARDED, 404, 409, 503),
+        summary="Make an older version current again; the worker publishes it as a new version "
+        "and continues the lineage from it",
+    )
+    def rollback(
+        request: Request, namespace: NamespacePath, body: RollbackIn, access: Admin
+    ) -> Operation:
+        access.require(namespace)
+        s = services(request)
+        try:
+            check_rollback(s.store, s.docs, namespace, body.version)
+        except Refused as exc:
+            raise HTTPException(exc.status, exc.detail) from exc
+        return s.namespaces.request(namespace, "rollback", version=body.version)
 
     @app.post(
         "/v1/answer",
@@ -314,6 +416,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             published_version=published,
             serving_version=s.engine.version(namespace),
             documents_applied=applied,
+            quarantined=s.store.quarantined(namespace),
             model=settings.model,
             mode=settings.mode,
             strategy=settings.strategy,
@@ -409,6 +512,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             models = schema["components"]["schemas"]
             models["DocumentIn"]["properties"]["text"]["maxLength"] = settings.max_doc_chars
             models["DocumentBatchIn"]["properties"]["documents"]["maxItems"] = settings.max_batch
+            choices = {"mode": [settings.mode], "strategy": list(available_strategies(settings))}
+            for field_name, allowed in choices.items():
+                for option in models["NamespaceConfig"]["properties"][field_name]["anyOf"]:
+                    if "enum" in option:
+                        option["enum"] = allowed
             if not settings.auth:
                 schema["components"].pop("securitySchemes", None)
                 for operations in schema["paths"].values():
@@ -419,6 +527,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _echo(value: object) -> object:
+    """A rejected input as a 422 repeats it: strings (and undecodable bytes) cut short, and
+    anything large, deeply nested or beyond strict JSON (NaN, Infinity) only named, so the error
+    is always small, valid JSON."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…"
+    try:
+        shallow = json_depth(value) <= ECHO_DEPTH
+        encoded = json.dumps(value, allow_nan=False) if shallow else ""
+    except (TypeError, ValueError):
+        encoded = ""
+    if encoded and len(encoded) <= ECHO_CHARS:
+        return value
+    return f"({type(value).__name__} not repeated: too large, too deep or not strict JSON)"
 
 
 def _unprocessable(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidationError:
@@ -448,6 +574,37 @@ async def _generate(
     return out
 
 
+def _document(s: Services, doc_id: str, access: Access) -> DocumentRecord:
+    """The document, or 404. Another tenant's is reported as missing: a 403 would confirm that
+    it exists."""
+    record = s.docs.get(doc_id)
+    if record is None or not access.covers(record.namespace):
+        raise HTTPException(
+            404, f"no document with id {doc_id!r}; ids come from POST /v1/documents"
+        )
+    return record
+
+
+def _namespace(s: Services, namespace: str) -> NamespaceOut:
+    config = s.namespaces.config(namespace)
+    effective = config.apply(s.settings)
+    probes = "namespace" if config.probes else "service" if s.settings.guard_probes else "none"
+    return NamespaceOut(
+        namespace=namespace,
+        config=config,
+        effective=EffectiveSettings(
+            mode=effective.mode,
+            strategy=effective.strategy,
+            lr=effective.lr,
+            steps_per_doc=effective.steps_per_doc,
+            guard_epsilon=effective.guard_epsilon,
+            probes=probes,
+        ),
+        published_version=int(s.redis.get(s.keys.version(namespace)) or 0),
+        pending_operations=s.namespaces.pending(namespace),
+    )
+
+
 def _require_model(engine: ServingEngine) -> None:
     if not engine.ready:
         raise HTTPException(
@@ -468,11 +625,14 @@ async def _wait_applied(s: Services, body: AnswerIn, access: Access) -> None:
         if elsewhere:
             msg = f"documents {', '.join(elsewhere)} belong to another namespace than {body.namespace!r}"
             raise HTTPException(409, f"wait_for: {msg}")
-        dead = [f"{i} ({r.error})" for i, r in records.items() if r.status == "dead"]
-        if dead:
+        settled = [
+            f"{i} ({r.status}: {r.error})" for i, r in records.items() if r.status in SETTLED
+        ]
+        if settled:
             raise HTTPException(
                 409,
-                f"these documents were dead-lettered and will never be applied: {'; '.join(dead)}",
+                "these documents were dead-lettered, held back, forgotten or rolled back, and "
+                f"will not be applied: {'; '.join(settled)}",
             )
         needed = max((r.adapter_version or 0) for r in records.values())
         waiting = {i: r for i, r in records.items() if r.status != "applied"}

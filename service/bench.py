@@ -344,7 +344,8 @@ def run_bench(
                 client.delete(*stale)
         client.close()
     report["modes_not_measured"] = {
-        "mac": "the service has no mac mode yet (UPTAKE_MODE=mac is refused by the worker)"
+        "mac": "not measured yet: mode mac needs trained MAC networks (UPTAKE_MAC_DIR), and "
+        "the bench does not train them"
     }
     report["command"] = command
     write_bench(report, out)

@@ -38,6 +38,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -108,6 +112,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalisation", default="tokens", choices=["tokens", "weights", "fixed"])
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument(
+        "--lora-targets",
+        type=_names,
+        default=None,
+        help="comma list of module names to adapt, e.g. gate_proj,up_proj,down_proj "
+        "(default: every attention and MLP projection present)",
+    )
+    p.add_argument(
         "--sweep-lrs",
         type=_floats,
         default=(),
@@ -137,13 +148,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from adaptation.bootstrap import ensure_demo_model
     from adaptation.evaluation import EvalConfig, report_markdown, run_eval
+    from adaptation.modeling import DEFAULT_TARGET_MODULES
 
     cfg = EvalConfig(
-        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        strategies=_names(args.strategies),
         lr=args.lr,
         steps_per_doc=args.steps_per_doc,
         normalisation=args.normalisation,
         lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets or DEFAULT_TARGET_MODULES,
         seeds=(args.seed,) if args.seed is not None else args.seeds,
         limit=args.limit,
         checkpoints=args.checkpoints,
@@ -409,6 +422,20 @@ def _service_settings(args: argparse.Namespace) -> Settings:
     return Settings(**{k: v for k, v in flags.items() if v is not None})
 
 
+def _checked_settings(args: argparse.Namespace) -> Settings | None:
+    """The service settings, or None (with the reason printed) when the mode cannot run: before
+    any model loads or child process starts."""
+    from service.settings import ConfigError
+
+    settings = _service_settings(args)
+    try:
+        settings.check()
+    except ConfigError as exc:
+        print(f"uptake {args.command}: {exc}", file=sys.stderr)
+        return None
+    return settings
+
+
 def _service_logging() -> None:
     import logging
 
@@ -434,7 +461,9 @@ def _run_process(args: argparse.Namespace, main: Callable[[Settings], object]) -
     from service.redis_conn import close_embedded
 
     _service_logging()
-    settings = _service_settings(args)
+    settings = _checked_settings(args)
+    if settings is None:
+        return 2
     settings.apply_torch_threads()
     try:
         main(settings)
@@ -478,7 +507,8 @@ def _run_up(args: argparse.Namespace) -> int:
     from service.supervisor import run_up
 
     _service_logging()
-    return run_up(_service_settings(args))
+    settings = _checked_settings(args)
+    return 2 if settings is None else run_up(settings)
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,9 @@ import redis
 from adaptation.data import content_id
 from service.keys import GROUP, Keys
 
-Status = Literal["queued", "applied", "failed", "dead"]
+Status = Literal["queued", "applied", "failed", "dead", "held", "forgotten", "rolled_back"]
+# Statuses a document does not leave by itself: the worker acknowledges its entries unapplied.
+SETTLED: tuple[Status, ...] = ("dead", "held", "forgotten", "rolled_back")
 
 # KEYS: doc hash, stream, namespaces set, stats hash. ARGV: namespace, group, then field/value pairs.
 _SUBMIT = """
@@ -34,6 +36,19 @@ redis.call('XADD', KEYS[2], '*', 'id', redis.call('HGET', KEYS[1], 'id'))
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'received', 1)
 return {1, 'queued', ARGV[1], redis.call('HGET', KEYS[1], 'digest')}
+"""
+
+# KEYS: doc hash, stream. ARGV: namespace, now. Only an applied document of this namespace (its
+# stream entry already acknowledged) is queued again, so running it twice queues nothing twice.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'applied'
+   or redis.call('HGET', KEYS[1], 'namespace') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', '0', 'updated', ARGV[2])
+redis.call('HDEL', KEYS[1], 'adapter_version', 'error')
+redis.call('XADD', KEYS[2], '*', 'id', redis.call('HGET', KEYS[1], 'id'))
+return 1
 """
 
 
@@ -89,6 +104,7 @@ class DocumentStore:
         self.redis = client
         self.keys = keys
         self._submit = client.register_script(_SUBMIT)
+        self._requeue = client.register_script(_REQUEUE)
 
     def submit(
         self,
@@ -147,6 +163,33 @@ class DocumentStore:
             out[doc_id] = DocumentRecord.from_hash(h) if "status" in h else None
         return out
 
+    def applied_in(self, namespace: str, versions: Iterable[int]) -> set[str]:
+        """Ids of this namespace's documents recorded as applied in one of `versions`. Scans every
+        document, so it is only for the rare repair after a snapshot was lost."""
+        wanted = set(versions)
+        head = self.keys.doc("")
+        keys = self.redis.scan_iter(match=_glob_escape(head) + "*", count=1000, _type="hash")
+        records = self.statuses(key[len(head) :] for key in keys)
+        return {
+            doc_id
+            for doc_id, r in records.items()
+            if r
+            and r.namespace == namespace
+            and r.status == "applied"
+            and r.adapter_version in wanted
+        }
+
+    def requeue(self, namespace: str, doc_ids: Iterable[str]) -> list[str]:
+        """Queue applied documents again because the snapshot holding them was lost; their attempt
+        count restarts, since they had succeeded. Returns the ids actually queued."""
+        stream = self.keys.stream(namespace)
+        now = f"{time.time():.6f}"
+        return [
+            doc_id
+            for doc_id in doc_ids
+            if self._requeue(keys=[self.keys.doc(doc_id), stream], args=[namespace, now])
+        ]
+
     def begin_attempt(self, doc_id: str) -> int:
         """Count an attempt before it starts, so a document that kills the worker is still counted."""
         return int(self.redis.hincrby(self.keys.doc(doc_id), "attempts", 1))
@@ -163,11 +206,28 @@ class DocumentStore:
         pipe.execute()
 
     def mark_failed(self, doc_id: str, error: str, dead: bool = False) -> None:
-        self.redis.hset(
-            self.keys.doc(doc_id),
-            mapping={
-                "status": "dead" if dead else "failed",
-                "error": error,
-                "updated": f"{time.time():.6f}",
-            },
-        )
+        self.mark([doc_id], "dead" if dead else "failed", error)
+
+    def mark(self, doc_ids: Iterable[str], status: Status, reason: str) -> None:
+        """Set a status that needs explaining (failed, dead, held, rolled back, re-queued)."""
+        fields = {"status": status, "error": reason, "updated": f"{time.time():.6f}"}
+        pipe = self.redis.pipeline()
+        for doc_id in doc_ids:
+            pipe.hset(self.keys.doc(doc_id), mapping=fields)
+        pipe.execute()
+
+    def forget(self, doc_ids: Iterable[str]) -> None:
+        """Mark documents forgotten and drop their text; the digest stays, so the same content
+        sent again is recognised (and reported forgotten) rather than silently learned again."""
+        now = f"{time.time():.6f}"
+        pipe = self.redis.pipeline()
+        for doc_id in doc_ids:
+            key = self.keys.doc(doc_id)
+            pipe.hset(key, mapping={"status": "forgotten", "updated": now})
+            pipe.hdel(key, "text", "adapter_version", "error")
+        pipe.execute()
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis SCAN MATCH pattern (a prefix may hold glob characters)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -3,7 +3,8 @@
 A background thread polls Redis for published versions. A new version is checked against its
 checksum, loaded under a fresh adapter name and switched to while holding the same lock that
 generation holds, then the old adapter is deleted. So an answer never sees a half-loaded adapter,
-and every answer reports the version it came from.
+and every answer reports the version it came from. Mode mac's engine (service/mac_mode.py) reuses
+the polling, checks and batching, and swaps memory banks instead of adapters.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 from peft import PeftModel
@@ -196,18 +198,31 @@ class ServingEngine:
             self._stop.wait(self.settings.poll_seconds)
 
     def _switch(self, namespace: str, version: int) -> None:
-        name = ""
-        if version:
-            path = self.store.path(namespace, version)
-            if not self.store.verify(namespace, version):
-                log.error(
-                    "engine: %s fails its checksum or is missing; keeping version %d",
-                    path,
-                    self.version(namespace),
-                )
-                self._rejected.add((namespace, version))
-                return
-            name = f"{namespace}-v{version}"
+        path = self.store.path(namespace, version) if version else None
+        if path is not None and not self.store.verify(namespace, version):
+            log.error(
+                "engine: %s fails its checksum or is missing; keeping version %d",
+                path,
+                self.version(namespace),
+            )
+            self._rejected.add((namespace, version))
+            return
+        try:
+            self._install(namespace, version, path)
+        except Exception:  # a snapshot this replica cannot load must not stop it following others
+            log.exception(
+                "engine: could not load %s; keeping version %d", path, self.version(namespace)
+            )
+            self._rejected.add((namespace, version))
+            return
+        log.info("engine: %s now serves version %d", namespace, version)
+        if self.on_switch is not None:
+            self.on_switch(namespace, version)
+
+    def _install(self, namespace: str, version: int, path: Path | None) -> None:
+        """Serve `namespace` from the verified snapshot at `path` (None: the bare base), swapped
+        in under the lock that generation holds. Modes other than lora override this."""
+        name = f"{namespace}-v{version}" if path is not None else ""
         with self._lock:
             if name and self._peft is None:
                 self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
@@ -221,6 +236,20 @@ class ServingEngine:
                 self._peft.delete_adapter(old)
             if self._peft is not None:
                 self._peft.eval()
-        log.info("engine: %s now serves version %d", namespace, version)
-        if self.on_switch is not None:
-            self.on_switch(namespace, version)
+
+
+def open_engine(
+    settings: Settings,
+    client: redis.Redis,
+    keys: Keys,
+    store: AdapterStore,
+    on_switch: Callable[[str, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ServingEngine:
+    """The serving engine for the service's mode."""
+    engine = ServingEngine
+    if settings.mode == "mac":
+        from service.mac_mode import MacServingEngine  # it builds on this module
+
+        engine = MacServingEngine
+    return engine(settings, client, keys, store, on_switch=on_switch, on_batch=on_batch)

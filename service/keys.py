@@ -13,7 +13,7 @@ class Keys:
 
     @property
     def namespaces(self) -> str:
-        """Set of every namespace that has received a document."""
+        """Set of every namespace that has received a document or been configured."""
         return f"{self.prefix}:namespaces"
 
     def doc(self, doc_id: str) -> str:
@@ -39,6 +39,14 @@ class Keys:
     def lease(self, namespace: str) -> str:
         """The id of the one worker allowed to train this namespace."""
         return f"{self.prefix}:{namespace}:lease"
+
+    def config(self, namespace: str) -> str:
+        """JSON of the namespace's own settings (PUT /v1/namespaces/{ns}); absent: the defaults."""
+        return f"{self.prefix}:{namespace}:config"
+
+    def operations(self, namespace: str) -> str:
+        """Stream of admin operations (configure, rollback, forget) for the namespace's worker."""
+        return f"{self.prefix}:{namespace}:operations"
 
     def stats(self, namespace: str) -> str:
         """Hash of counters the worker keeps, so any API replica can serve them as metrics."""

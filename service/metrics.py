@@ -30,6 +30,8 @@ _COUNTERS = {
     "applied": "Documents applied and published in an adapter snapshot",
     "failed": "Failed attempts to apply a document (it is retried, then dead-lettered)",
     "dead": "Documents dead-lettered after too many failed attempts",
+    "held": "Documents held back by the update guard (their version lowered probe F1 too far)",
+    "requeued": "Documents queued again because the only snapshot holding them was quarantined",
 }
 
 
@@ -93,11 +95,17 @@ class RedisStatsCollector(Collector):
             "Newest published adapter version",
             labels=["namespace"],
         )
+        quarantined = CounterMetricFamily(
+            "uptake_snapshots_quarantined",
+            "Damaged snapshots the worker's startup check moved into .quarantine",
+            labels=["namespace"],
+        )
         steps = HistogramMetricFamily(
             "uptake_update_step_seconds", "Time to apply one document", labels=["namespace"]
         )
         for ns, h in stats.items():
             tokens.add_metric([ns], float(h.get("tokens", 0)))
+            quarantined.add_metric([ns], float(h.get("quarantined", 0)))
             lag.add_metric([ns], float(lags[ns]))
             published.add_metric([ns], float(versions[ns]))
             cumulative, buckets = 0, []
@@ -105,7 +113,7 @@ class RedisStatsCollector(Collector):
                 cumulative += int(h.get(f"step_bucket:{i}", 0))
                 buckets.append(("+Inf" if bound == INF else str(bound), cumulative))
             steps.add_metric([ns], buckets, sum_value=float(h.get("step_sum", 0.0)))
-        yield from (tokens, lag, published, steps)
+        yield from (tokens, quarantined, lag, published, steps)
 
 
 class ApiMetrics:

@@ -5,17 +5,29 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+)
 
-from service.settings import NAMESPACE_PATTERN
+from service.documents import Status
+from service.settings import NAMESPACE_PATTERN, Mode, Settings, Strategy
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_NEW_TOKENS = 512
+MAX_PROBES = 200
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_BYTES = 64 * 1024
 Namespace = Annotated[
     str,
     Field(pattern=NAMESPACE_PATTERN, description="letters, digits, '_' or '-' (1-64)"),
 ]
-DocStatus = Literal["queued", "applied", "failed", "dead"]
+DocStatus = Status
 
 
 def _utf8(value: str, what: str) -> str:
@@ -30,6 +42,42 @@ def _content(value: str, what: str) -> str:
     if not value.strip():
         raise ValueError(f"{what} is empty or only whitespace; send some text")
     return _utf8(value, what)
+
+
+def json_depth(value: object) -> int:
+    """How deeply objects and arrays nest in a JSON value, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Metadata is stored and echoed back as JSON: bound its nesting (serialising it recurses)
+    and size, and refuse what strict JSON cannot carry (NaN, Infinity, lone surrogates)."""
+    if json_depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(
+            f"metadata nests objects and arrays more than {MAX_METADATA_DEPTH} levels deep; "
+            "flatten it"
+        )
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(
+            "metadata holds NaN or Infinity, which JSON cannot carry; send numbers or strings"
+        ) from exc
+    size = len(_utf8(encoded, "metadata").encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"metadata is {size:,} bytes of JSON, over the limit of {MAX_METADATA_BYTES:,}; "
+            "keep bulky data in the text or elsewhere"
+        )
+    return value
 
 
 class DocumentIn(BaseModel):
@@ -56,8 +104,7 @@ class DocumentIn(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _utf8(json.dumps(value, ensure_ascii=False), "metadata")
-        return value
+        return _metadata(value)
 
 
 class DocumentBatchIn(BaseModel):
@@ -125,6 +172,111 @@ class AnswerOut(BaseModel):
     latency_ms: float
 
 
+class Probe(BaseModel):
+    """A question the update guard asks before publishing, with the answers it accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=1000, pattern=r"\S")
+    answers: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        min_length=1, max_length=16, description="accepted answers; F1 takes the best match"
+    )
+
+    @field_validator("question", mode="before")
+    @classmethod
+    def _question(cls, value: object) -> object:
+        return _content(value, "question") if isinstance(value, str) else value
+
+    @field_validator("answers")
+    @classmethod
+    def _answers(cls, value: list[str]) -> list[str]:
+        return [_utf8(a, "an answer") for a in value]
+
+
+def _not_bool(value: object) -> object:
+    """JSON true/false is not a number, though pydantic would read it as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+NOT_BOOL = BeforeValidator(_not_bool)
+
+
+class NamespaceConfig(BaseModel):
+    """A namespace's own settings. A field left out (or null) follows the service's `UPTAKE_*`
+    default, so a namespace keeps tracking the deployment until it chooses otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = Field(
+        default=None,
+        description="how documents are learned; the schema lists what this deployment's worker runs",
+    )
+    strategy: Strategy | None = Field(
+        default=None, description="token weighting; the schema lists what this deployment has"
+    )
+    lr: Annotated[float, Field(gt=0, le=1), NOT_BOOL] | None = Field(
+        default=None, description="AdamW learning rate"
+    )
+    steps_per_doc: Annotated[int, Field(ge=1, le=64), NOT_BOOL] | None = None
+    guard_epsilon: Annotated[float, Field(ge=0, le=1), NOT_BOOL] | None = Field(
+        default=None,
+        description="largest drop in probe F1 a new version may cause before it is held back",
+    )
+    probes: list[Probe] = Field(
+        default_factory=list,
+        max_length=MAX_PROBES,
+        description="questions the update guard asks before each version is published; none: "
+        "the service's UPTAKE_GUARD_PROBES, and without those the guard is off",
+    )
+
+    def apply(self, settings: Settings) -> Settings:
+        """The service settings with this namespace's choices in place."""
+        return settings.model_copy(update=self.model_dump(exclude={"probes"}, exclude_none=True))
+
+
+class EffectiveSettings(BaseModel):
+    mode: str
+    strategy: str
+    lr: float
+    steps_per_doc: int
+    guard_epsilon: float
+    probes: Literal["namespace", "service", "none"] = Field(
+        description="where the guard's probe questions come from: this namespace's own, the "
+        "service's UPTAKE_GUARD_PROBES, or none (the guard is off)"
+    )
+
+
+OperationName = Literal["configure", "rollback", "forget"]
+
+
+class Operation(BaseModel):
+    """An admin operation queued for the worker that owns the namespace."""
+
+    request: str = Field(description="the operation's id; it leaves pending_operations when done")
+    namespace: str
+    operation: OperationName
+    version: int | None = Field(default=None, description="rollback: the version restored")
+    document: str | None = Field(default=None, description="forget: the document's id")
+
+
+class NamespaceOut(BaseModel):
+    namespace: str
+    config: NamespaceConfig
+    effective: EffectiveSettings
+    published_version: int
+    pending_operations: list[Operation]
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(
+        ge=0, description="an existing version (0: the bare base model); see GET /v1/adapters"
+    )
+
+
 class ManifestOut(BaseModel):
     version: int
     parent: int
@@ -150,6 +302,11 @@ class StatusOut(BaseModel):
     published_version: int
     serving_version: int
     documents_applied: int = Field(description="documents in the lineage of the newest snapshot")
+    quarantined: list[str] = Field(
+        default_factory=list,
+        description="damaged snapshots the worker moved aside (.quarantine/vNNNNNN-reason); "
+        "their documents were queued again",
+    )
     model: str
     mode: str
     strategy: str

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 from adaptation.paths import demo_model_dir, uptake_home
 from adaptation.updater import UpdateConfig
@@ -17,6 +18,10 @@ from adaptation.updater import UpdateConfig
 Mode = Literal["lora", "mac", "seal"]
 Strategy = Literal["uniform", "salient", "tfidf", "camels"]
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ConfigError(ValueError):
+    """Settings a service process cannot start with; the message says what to set."""
 
 
 def _default_worker_id() -> str:
@@ -35,6 +40,10 @@ class Settings(BaseSettings):
     weighter: Path | None = Field(
         default=None, description="saved weighter for strategy tfidf or camels"
     )
+    mac_dir: Path | None = Field(
+        default=None,
+        description="trained MAC networks for mode mac (the --out of `uptake meta-train mac`)",
+    )
     lr: float = Field(default=1e-3, gt=0)
     steps_per_doc: int = Field(default=1, ge=1)
     normalisation: Literal["tokens", "weights", "fixed"] = "tokens"
@@ -46,6 +55,14 @@ class Settings(BaseSettings):
     device: str | None = None
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
+    )
+
+    # Update guard: a version whose probe F1 falls by more than this is held back.
+    guard_epsilon: float = Field(default=0.1, ge=0, le=1, description="largest F1 drop allowed")
+    guard_probes: Path | None = Field(
+        default=None,
+        description="dataset (JSONL or JSON) whose questions probe every namespace that has no "
+        "probe questions of its own; unset: the guard is off for those",
     )
 
     # Snapshot cadence: whichever comes first.
@@ -125,3 +142,24 @@ class Settings(BaseSettings):
 
     def adapters_dir(self) -> Path:
         return self.store_dir / "adapters"
+
+    def mac_networks(self) -> Path:
+        """The trained MAC directory that mode mac amortizes and answers with."""
+        if self.mac_dir is None:
+            raise ConfigError(
+                "UPTAKE_MODE=mac needs UPTAKE_MAC_DIR: the directory written by "
+                f"`uptake meta-train mac --base {self.model} --train FILE --val FILE --out DIR`"
+            )
+        if not (self.mac_dir / MAC_CONFIG).is_file():
+            raise ConfigError(
+                f"UPTAKE_MAC_DIR={self.mac_dir} holds no trained MAC networks (no {MAC_CONFIG}); "
+                f"train them with `uptake meta-train mac --base {self.model} --train FILE "
+                f"--val FILE --out {self.mac_dir}`, or point UPTAKE_MAC_DIR at such a directory"
+            )
+        return self.mac_dir
+
+    def check(self) -> None:
+        """Stop a process at start, not at its first document or question, when its mode lacks
+        what it needs."""
+        if self.mode == "mac":
+            self.mac_networks()

@@ -7,10 +7,14 @@ What it guarantees (docs/architecture.md, "Service"):
   (`XAUTOCLAIM`); a document already in the lineage is skipped, so each is applied exactly once
   per lineage;
 - one worker at a time trains a namespace, by holding its lease in Redis;
-- a document that keeps failing is retried, then dead-lettered with its reason.
+- a document that keeps failing is retried, then dead-lettered with its reason;
+- before a version is published, the update guard asks the namespace's probe questions, and a
+  version whose F1 falls by more than epsilon is held back with its documents flagged;
+- admin operations queued by the API (configure, rollback, forget) run between documents.
 
 How a document is learned is a backend's business (`KnowledgeBackend`); the `lora` mode ships
-here. Each namespace trains its own LoRA adapter on one shared base model.
+here (each namespace trains its own LoRA adapter on one shared base model), the `mac` mode in
+service/mac_mode.py.
 """
 
 from __future__ import annotations
@@ -19,30 +23,40 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 import torch
 from peft import PeftModel
 
+from adaptation.answering import generate_answers
+from adaptation.metrics import score
 from adaptation.modeling import attach_lora, load_base, lora_config, save_adapter
 from adaptation.paths import demo_weighter_dir
 from adaptation.updater import OnlineUpdater
 from adaptation.weighting.base import Weighter, encode_weighted
-from service.adapters import AdapterStore, CorruptSnapshot, Manifest, publish_version
-from service.documents import DocumentStore
+from service.adapters import AdapterStore, Manifest, publish_version
+from service.documents import SETTLED, DocumentStore
 from service.keys import Keys
 from service.metrics import WorkerStats
+from service.namespaces import NamespaceStore, Refused, check_rollback, default_probes
 from service.queue import Entry, Queue
 from service.redis_conn import connect
+from service.schemas import NamespaceConfig, Operation
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.pt"
+# A fresh adapter always starts from this seed, so a replay from version 0 (forgetting a
+# lineage's first document) starts where the lineage did.
+LORA_SEED = 0
+# Tokens the update guard lets a probe answer run to.
+PROBE_NEW_TOKENS = 16
 
 # Renew (or re-take) a lease only while we still hold it.
 _RENEW = """
@@ -63,10 +77,15 @@ class IngestResult:
 
 
 class KnowledgeBackend(Protocol):
-    """What a mode does with one namespace's documents. The worker owns queueing, snapshots and
-    exactly-once; a backend only learns, and writes its state into a snapshot directory."""
+    """What a mode does with one namespace's documents. The worker owns queueing, snapshots,
+    exactly-once and the update guard; a backend only learns, answers the guard's probe
+    questions, and writes its state into a snapshot directory."""
 
-    def ingest(self, text: str) -> IngestResult: ...
+    def ingest(self, text: str, doc_id: str) -> IngestResult:
+        """Learn `text`; `doc_id` names it where a backend keeps state per document (mac)."""
+        ...
+
+    def answer(self, questions: Sequence[str]) -> list[str]: ...
 
     def write_state(self, directory: Path) -> None: ...
 
@@ -74,8 +93,9 @@ class KnowledgeBackend(Protocol):
 
 
 class BackendFactory(Protocol):
-    def open(self, namespace: str, snapshot: Path | None) -> KnowledgeBackend:
-        """The namespace's backend, restored from `snapshot` (None: start fresh)."""
+    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> KnowledgeBackend:
+        """The namespace's backend under its own `settings`, restored from `snapshot` (None:
+        start fresh)."""
         ...
 
 
@@ -99,49 +119,66 @@ class LoraModels:
 
     def __init__(self, settings: Settings, weighter: Weighter) -> None:
         self.settings = settings
-        self.weighter = weighter
+        self.weighters = {settings.strategy: weighter}
         self.base, self.tokenizer = load_base(settings.model, settings.device)
         self.model: PeftModel | None = None
+        self._opened = 0
 
-    def open(self, namespace: str, snapshot: Path | None) -> LoraBackend:
-        name = f"ns_{namespace}"
+    def weighter(self, settings: Settings) -> Weighter:
+        """The weighter of a namespace's strategy, built once per strategy."""
+        if settings.strategy not in self.weighters:
+            self.weighters[settings.strategy] = build_weighter(settings)
+        return self.weighters[settings.strategy]
+
+    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> LoraBackend:
+        # A new name each time: a namespace's state is replaced by opening the new one first.
+        self._opened += 1
+        name = f"ns_{namespace}_{self._opened}"
         lora = self.settings.lora()
-        if self.model is None and snapshot is None:
-            self.model = attach_lora(self.base, lora, adapter_name=name)
+        if snapshot is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(LORA_SEED)
+                if self.model is None:
+                    self.model = attach_lora(self.base, lora, adapter_name=name)
+                else:
+                    self.model.add_adapter(name, lora_config(self.model, lora))
         elif self.model is None:
             self.model = PeftModel.from_pretrained(
                 self.base, str(snapshot), adapter_name=name, is_trainable=True
             )
-        elif snapshot is None:
-            self.model.add_adapter(name, lora_config(self.model, lora))
         else:
             self.model.load_adapter(str(snapshot), adapter_name=name, is_trainable=True)
-        return LoraBackend(self, name, snapshot)
+        return LoraBackend(self, name, snapshot, settings)
 
 
 class LoraBackend:
     """Weighted gradient steps on one namespace's adapter; its optimizer state rides in snapshots."""
 
-    def __init__(self, models: LoraModels, adapter_name: str, snapshot: Path | None) -> None:
+    def __init__(
+        self, models: LoraModels, adapter_name: str, snapshot: Path | None, settings: Settings
+    ) -> None:
         assert models.model is not None
         self.models = models
         self.model = models.model
         self.name = adapter_name
+        self.settings = settings
+        self.weighter = models.weighter(settings)
         self.model.set_adapter(adapter_name)  # only this adapter's weights are trainable now
-        self.updater = OnlineUpdater(self.model, models.settings.update())
+        self.updater = OnlineUpdater(self.model, settings.update())
         if snapshot is not None:
             state = torch.load(
                 snapshot / OPTIMIZER_FILE, map_location=self.updater.device, weights_only=True
             )
             self.updater.load_state_dict(state)
 
-    def ingest(self, text: str) -> IngestResult:
-        settings = self.models.settings
+    def ingest(self, text: str, doc_id: str = "") -> IngestResult:
+        """`doc_id` is not needed: the adapter learns the text, not who sent it."""
+        settings = self.settings
         self.model.set_adapter(self.name)
         applied, tokens, reasons = False, 0, []
         for chunk in split_text(text, settings.chunk_chars):
             weighted = encode_weighted(
-                chunk, self.models.tokenizer, self.models.weighter, settings.max_doc_tokens
+                chunk, self.models.tokenizer, self.weighter, settings.max_doc_tokens
             )
             if weighted.num_tokens < 2:
                 continue
@@ -153,6 +190,12 @@ class LoraBackend:
         if not applied and not reasons:
             return IngestResult(applied=True)  # nothing long enough to learn from: a no-op
         return IngestResult(applied, tokens, "; ".join(reasons) or None)
+
+    def answer(self, questions: Sequence[str]) -> list[str]:
+        self.model.set_adapter(self.name)
+        return generate_answers(
+            self.model, self.models.tokenizer, questions, max_new_tokens=PROBE_NEW_TOKENS
+        )
 
     def write_state(self, directory: Path) -> None:
         save_adapter(self.model, directory, adapter_name=self.name)
@@ -174,8 +217,12 @@ def build_weighter(settings: Settings) -> Weighter:
 def open_backends(settings: Settings, weighter: Weighter) -> BackendFactory:
     if settings.mode == "lora":
         return LoraModels(settings, weighter)
+    if settings.mode == "mac":
+        from service.mac_mode import MacModels  # it builds on this module
+
+        return MacModels.load(settings)
     raise ValueError(
-        f"mode {settings.mode!r} is not available in this worker yet; use UPTAKE_MODE=lora"
+        f"mode {settings.mode!r} is not available in this worker yet; use UPTAKE_MODE=lora or mac"
     )
 
 
@@ -185,6 +232,9 @@ class NamespaceState:
     backend: KnowledgeBackend
     version: int
     lineage: dict[str, int]  # doc id -> the version that added it
+    config: NamespaceConfig
+    settings: Settings  # the service's, with the namespace's own choices in place
+    probe_f1: float | None = None  # the guard's baseline, the current version's (None: no guard)
     # Applied but not yet in a snapshot: doc id -> stream entry id.
     unsaved: dict[str, str] = field(default_factory=dict)
     unsaved_since: float | None = None
@@ -208,6 +258,7 @@ class Worker:
         self.docs = DocumentStore(self.redis, self.keys)
         self.store = AdapterStore(settings.adapters_dir())
         self.stats = WorkerStats(self.redis, self.keys)
+        self.ns_store = NamespaceStore(self.redis, self.keys)
         self.consumer = settings.worker_id
         self.namespaces: dict[str, NamespaceState] = {}
         self._weighter = weighter
@@ -267,6 +318,7 @@ class Worker:
         if not self.namespaces:
             self._stop.wait(0.5)
             return 0
+        self._run_operations()
         done = 0
         for entry in self._due():
             if self._stop.is_set():
@@ -349,22 +401,19 @@ class Worker:
         st.backlog.extend(e for e in claimed if e.entry_id not in known)
 
     def _open(self, namespace: str) -> None:
-        assert self._backends is not None
-        self.store.clean_partial(namespace)
+        self._repair(namespace)
         version = self.store.latest(namespace)
-        if version and not self.store.verify(namespace, version):
-            raise CorruptSnapshot(
-                f"snapshot {self.store.path(namespace, version)} fails its checksum; "
-                "move it aside to resume from its parent"
-            )
-        snapshot = self.store.path(namespace, version) if version else None
+        config, settings, backend = self._load(namespace, version)
         st = NamespaceState(
             name=namespace,
-            backend=self._backends.open(namespace, snapshot),
+            backend=backend,
             version=version,
             lineage=self.store.lineage(namespace, version),
+            config=config,
+            settings=settings,
             renewed=time.monotonic(),
         )
+        st.probe_f1 = self._probe_f1(st)
         self.queue.ensure_group(namespace)
         publish_version(self.redis, self.keys, namespace, version)
         st.backlog.extend(self.queue.claim_pending(namespace, self.consumer))
@@ -377,6 +426,71 @@ class Worker:
             len(st.lineage),
             len(st.backlog),
         )
+
+    def _repair(self, namespace: str) -> None:
+        """The startup check, run while holding the lease: remove a crashed writer's temporary
+        directories, quarantine damaged snapshots, and queue again the documents only they held,
+        so resuming from the newest intact snapshot loses none. Documents are queued before the
+        snapshots move, so a crash in between repeats the check instead of losing them."""
+        self.store.clean_partial(namespace)
+        damaged = self.store.damaged(namespace)
+        if not damaged:
+            return
+        lost = {v.version for v in damaged}
+        kept = self.store.lineage(
+            namespace, max(set(self.store.versions(namespace)) - lost, default=0)
+        )
+        named = {doc_id for d in damaged for doc_id in d.doc_ids}
+        candidates = (named | self.docs.applied_in(namespace, lost)) - kept.keys()
+        requeued = self.docs.requeue(namespace, sorted(candidates))
+        self._reconcile(namespace, kept)
+        moved = self.store.quarantine(namespace, damaged)
+        self.stats.count(namespace, "quarantined", len(moved))
+        self.stats.count(namespace, "requeued", len(requeued))
+        log.error(
+            "worker: %s: quarantined damaged snapshots %s; %d documents queued again",
+            namespace,
+            ", ".join(p.name for p in moved),
+            len(requeued),
+        )
+
+    def _load(
+        self, namespace: str, version: int
+    ) -> tuple[NamespaceConfig, Settings, KnowledgeBackend]:
+        """The namespace's own settings, and a backend holding `version`'s state under them."""
+        assert self._backends is not None
+        config = self.ns_store.config(namespace)
+        settings = config.apply(self.settings)
+        snapshot = self.store.path(namespace, version) if version else None
+        return config, settings, self._backends.open(namespace, snapshot, settings)
+
+    def _restore(self, st: NamespaceState, version: int) -> None:
+        """Replace the backend by `version`'s state under the namespace's current settings; the
+        guard's baseline becomes that version's F1. Call it with nothing unsaved."""
+        config, settings, backend = self._load(st.name, version)
+        st.backend.close()
+        st.backend, st.config, st.settings, st.version = backend, config, settings, version
+        st.lineage = self.store.lineage(st.name, version)
+        st.probe_f1 = self._probe_f1(st)
+
+    def _reconcile(self, namespace: str, kept: dict[str, int]) -> None:
+        """A quarantined version may have held a forget or a rollback, whose documents are back
+        in the lineage resumed: a forgotten one is forgotten again (it must not resurface), and
+        a rolled-back one is recorded as applied where the lineage now holds it."""
+        back: dict[int, list[str]] = defaultdict(list)
+        for doc_id, record in self.docs.statuses(kept).items():
+            if record is not None and record.status == "forgotten":
+                self.ns_store.request(namespace, "forget", document=doc_id)
+            elif record is not None and record.status == "rolled_back":
+                back[kept[doc_id]].append(doc_id)
+        for version, doc_ids in back.items():
+            self.docs.mark_applied(doc_ids, version)
+            log.warning(
+                "worker: %s: a quarantined version had rolled back %s; version %d holds them again",
+                namespace,
+                ", ".join(doc_ids),
+                version,
+            )
 
     # Documents.
 
@@ -422,7 +536,7 @@ class Worker:
             self.queue.dead_letter(entry, "document record missing from Redis")
             self.stats.count(st.name, "dead")
             return
-        if record.status == "dead":
+        if record.status in SETTLED:  # dead, held back or forgotten: never applied
             self.queue.ack(st.name, [entry.entry_id])
             return
         if record.attempts >= self.settings.max_deliveries:
@@ -431,11 +545,7 @@ class Worker:
             return
         attempt = self.docs.begin_attempt(doc_id)
         started = time.perf_counter()
-        try:
-            result = st.backend.ingest(record.text)
-        except Exception as exc:  # a bad document must not take the worker down
-            log.exception("worker: applying %s failed", doc_id)
-            result = IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
+        result = self._ingest(st, doc_id, record.text)
         if result.applied:
             self.stats.step(st.name, time.perf_counter() - started, result.tokens)
             st.unsaved[doc_id] = entry.entry_id
@@ -453,6 +563,13 @@ class Worker:
             self.docs.mark_failed(doc_id, reason)
             st.retries.append((time.monotonic() + self.settings.retry_seconds, entry))
 
+    def _ingest(self, st: NamespaceState, doc_id: str, text: str) -> IngestResult:
+        try:
+            return st.backend.ingest(text, doc_id)
+        except Exception as exc:  # a bad document must not take the worker down
+            log.exception("worker: applying %s failed", doc_id)
+            return IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
+
     def _dead(self, entry: Entry, reason: str) -> None:
         log.warning("worker: dead-lettering %s: %s", entry.doc_id, reason)
         self.docs.mark_failed(entry.doc_id, reason, dead=True)
@@ -462,24 +579,20 @@ class Worker:
     # Snapshots.
 
     def _snapshot(self, st: NamespaceState) -> None:
+        """Write the applied documents as the next version, unless the update guard holds it
+        back, and publish it."""
         if not st.unsaved or not self._hold(st):
             return
+        f1 = self._probe_f1(st)
+        regression = self._regression(st, f1)
+        if regression:
+            self._hold_back(st, regression)
+            return
         ids = list(st.unsaved)
-        manifest = self.store.write(
-            st.name,
-            parent=st.version,
-            doc_ids=ids,
-            lineage_size=len(st.lineage) + len(ids),
-            write_state=st.backend.write_state,
-            info={
-                "mode": self.settings.mode,
-                "strategy": self.settings.strategy,
-                "base_model": self.settings.model,
-                "worker": self.consumer,
-            },
-        )
+        manifest = self._write(st, st.version, ids, len(st.lineage) + len(ids), probe_f1=f1)
         st.version = manifest.version
         st.lineage.update(dict.fromkeys(ids, manifest.version))
+        st.probe_f1 = f1
         st.unpublished.append((manifest, list(st.unsaved.values())))
         st.unsaved = {}
         st.unsaved_since = None
@@ -500,3 +613,189 @@ class Worker:
                 manifest.version,
                 len(manifest.doc_ids),
             )
+
+    def _write(
+        self,
+        st: NamespaceState,
+        parent: int,
+        doc_ids: Sequence[str],
+        lineage_size: int,
+        **marks: Any,
+    ) -> Manifest:
+        """Snapshot the backend as the namespace's next version. `marks` (the guard's probe F1,
+        an operation's request and what it did) are recorded in the manifest's info."""
+        info = {
+            "mode": st.settings.mode,
+            "strategy": st.settings.strategy,
+            "lr": st.settings.lr,
+            "steps_per_doc": st.settings.steps_per_doc,
+            "base_model": self.settings.model,
+            "worker": self.consumer,
+        }
+        info.update((key, value) for key, value in marks.items() if value is not None)
+        return self.store.write(
+            st.name,
+            parent=parent,
+            doc_ids=doc_ids,
+            lineage_size=lineage_size,
+            write_state=st.backend.write_state,
+            info=info,
+        )
+
+    # The update guard.
+
+    def _probe_f1(self, st: NamespaceState) -> float | None:
+        """Closed-book F1 of the backend as it stands on the namespace's probe questions (its
+        own, else the service's); None when there are none, which turns the guard off."""
+        probes = st.config.probes or default_probes(self.settings)
+        if not probes:
+            return None
+        answers = st.backend.answer([p.question for p in probes])
+        return score(answers, [p.answers for p in probes])["f1"]
+
+    def _regression(self, st: NamespaceState, f1: float | None) -> str | None:
+        """Why the applied documents must be held back, or None if the guard lets them pass."""
+        epsilon = st.settings.guard_epsilon
+        if f1 is None or st.probe_f1 is None or st.probe_f1 - f1 <= epsilon:
+            return None
+        return (
+            f"update guard: probe F1 would fall from {st.probe_f1:.3f} (version {st.version}) "
+            f"to {f1:.3f}, more than guard_epsilon={epsilon:g}, with this document among the "
+            "update's; held back. Review it, then forget it (DELETE /v1/documents/{id}) or send "
+            "it again under a new id"
+        )
+
+    def _hold_back(self, st: NamespaceState, reason: str) -> None:
+        """Keep serving the current version: flag the documents, acknowledge their entries (a
+        retry would be held back again), and restore the backend to the published state."""
+        log.warning("worker: %s: holding back %s: %s", st.name, ", ".join(st.unsaved), reason)
+        self.docs.mark(list(st.unsaved), "held", reason)
+        self.queue.ack(st.name, list(st.unsaved.values()))
+        self.stats.count(st.name, "held", len(st.unsaved))
+        st.unsaved = {}
+        st.unsaved_since = None
+        self._restore(st, st.version)
+
+    # Admin operations, queued by the API.
+
+    def _run_operations(self) -> None:
+        """Each owned namespace's oldest queued operation, between documents."""
+        for name, op in self.ns_store.next(list(self.namespaces)).items():
+            st = self.namespaces.get(name)
+            if st is not None and self._operate(st, op):
+                self.ns_store.done(name, op.request)
+
+    def _operate(self, st: NamespaceState, op: Operation) -> bool:
+        """Carry out `op`; False if the lease was lost, which leaves it for the next owner."""
+        self._snapshot(st)  # what is applied already goes first, through the guard
+        if self.namespaces.get(st.name) is not st or not self._hold(st):
+            return False
+        log.info("worker: %s: %s (request %s)", st.name, op.operation, op.request)
+        if op.operation == "configure":
+            if self.ns_store.config(st.name) != st.config:
+                self._restore(st, st.version)
+            return True
+        current = self.store.manifest(st.name, st.version) if st.version else None
+        if current is not None and current.info.get("request") == op.request:
+            # Written before a crash that came before its entry was deleted: settle it again,
+            # against the version that was current before it (the newest older one).
+            previous = max((v for v in self.store.versions(st.name) if v < st.version), default=0)
+            self._settle(st, current, self.store.lineage(st.name, previous))
+            return True
+        if op.operation == "rollback":
+            return self._rollback(st, op.version or 0, op.request)
+        return self._forget(st, op.document or "", op.request)
+
+    def _rollback(self, st: NamespaceState, target: int, request: str) -> bool:
+        """Make `target` current as a new version whose parent it is: versions stay increasing,
+        the newest is what is served and resumed, and the lineage continues from `target`."""
+        try:
+            check_rollback(self.store, self.docs, st.name, target)
+        except Refused as exc:
+            log.warning("worker: %s: rollback refused: %s", st.name, exc.detail)
+            return True
+        before = st.lineage
+        self._restore(st, target)
+        manifest = self._write(st, target, [], len(st.lineage), rollback_to=target, request=request)
+        st.version = manifest.version
+        self._settle(st, manifest, before)
+        return True
+
+    def _forget(self, st: NamespaceState, doc_id: str, request: str) -> bool:
+        """Restore the snapshot before the document and replay the lineage's later documents
+        without it; the result is a new version whose manifest records the forget."""
+        if doc_id not in st.lineage:  # never learned (queued, held, dead, rolled back): no replay
+            self.docs.forget([doc_id])
+            return True
+        added = st.lineage[doc_id]
+        replay = [d for m in self._ancestry(st, added) for d in m.doc_ids if d != doc_id]
+        parent = self.store.manifest(st.name, added).parent
+        before = st.lineage
+        self._restore(st, parent)
+        applied: list[str] = []
+        retry: list[str] = []
+        for other in replay:
+            self._renew_leases()
+            if self.namespaces.get(st.name) is not st:
+                return False  # the lease lapsed mid-replay: the next owner starts over
+            record = self.docs.get(other)
+            result = (
+                self._ingest(st, other, record.text)
+                if record is not None
+                else IngestResult(applied=False, reason="record missing")
+            )
+            (applied if result.applied else retry).append(other)
+        manifest = self._write(
+            st,
+            parent,
+            applied,
+            len(st.lineage) + len(applied),
+            forgotten=[doc_id],
+            requeued=retry or None,
+            request=request,
+        )
+        st.version = manifest.version
+        st.lineage.update(dict.fromkeys(applied, manifest.version))
+        st.probe_f1 = self._probe_f1(st)
+        self._settle(st, manifest, before)
+        return True
+
+    def _ancestry(self, st: NamespaceState, oldest: int) -> list[Manifest]:
+        """Manifests from `oldest` (an ancestor of the current version) to the current one."""
+        chain = [self.store.manifest(st.name, st.version)]
+        while chain[-1].version != oldest:
+            chain.append(self.store.manifest(st.name, chain[-1].parent))
+        return chain[::-1]
+
+    def _settle(self, st: NamespaceState, manifest: Manifest, before: dict[str, int]) -> None:
+        """Publish an operation's version and bring document statuses in line with its lineage
+        (idempotent, so a crash can repeat it): a replay's failures are queued again, the
+        forgotten are forgotten, what the version dropped is rolled back, and every document
+        in it names the version that now holds it."""
+        publish_version(self.redis, self.keys, st.name, manifest.version)
+        forgotten = manifest.info.get("forgotten", [])
+        retry = manifest.info.get("requeued", [])
+        self.docs.requeue(st.name, retry)
+        kept = st.lineage.keys() | set(forgotten) | set(retry)
+        gone = [doc_id for doc_id in before if doc_id not in kept]
+        if gone:
+            self.docs.mark(
+                gone,
+                "rolled_back",
+                f"not in version {manifest.version}, which restored version {manifest.parent}; "
+                "send it again under a new id to learn it again",
+            )
+        moved: dict[int, list[str]] = defaultdict(list)
+        for doc_id, version in st.lineage.items():
+            if before.get(doc_id) != version:
+                moved[version].append(doc_id)
+        for version, ids in moved.items():
+            self.docs.mark_applied(ids, version)
+        self.docs.forget(forgotten)
+        log.info(
+            "worker: %s version %d published (rollback_to %s, forgotten %s)",
+            st.name,
+            manifest.version,
+            manifest.info.get("rollback_to"),
+            forgotten,
+        )

@@ -21,6 +21,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from adaptation.mac.networks import MacConfig
+from adaptation.mac.system import MacSystem
+from adaptation.modeling import load_base
 from adaptation.tokenizer import train_bpe_tokenizer
 
 torch.set_num_threads(1)
@@ -68,6 +71,15 @@ def save_tiny(path: Path, family: str = "llama") -> Path:
     return path
 
 
+def tiny_mac_system(model_dir: Path, **sizes: int) -> MacSystem:
+    """Untrained MAC networks, a few thousand parameters, for the tiny base at `model_dir`."""
+    torch.manual_seed(0)
+    model, tok = load_base(model_dir, device="cpu")
+    shape = dict(width=32, layers=1, query_layers=1, num_tokens=4, window=4, chunk=2)
+    shape.update(sizes)
+    return MacSystem.create(model, tok, MacConfig.for_base(model, len(tok), **shape))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny Llama with its tokenizer: a standard HF directory, like the demo model."""
@@ -79,3 +91,9 @@ def tiny_family_dir(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     return save_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_mac_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MAC networks for `tiny_model_dir`, saved as `uptake meta-train mac` saves them."""
+    return tiny_mac_system(tiny_model_dir).save(tmp_path_factory.mktemp("tiny-mac"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.adapters import AdapterStore, publish_version, published_versions
+from service.adapters import MANIFEST, AdapterStore, Damage, publish_version, published_versions
 from service.keys import Keys
 from service.redis_conn import client
 from tests.servicekit import drop_prefix, redis_for_tests, unique_prefix
@@ -83,6 +83,64 @@ def test_a_crashed_writers_temp_dir_is_ignored_then_cleaned(tmp_path: Path) -> N
     assert store.clean_partial("ns") == 1
     assert not partial.exists()
     assert store.write("ns", 1, ["b"], 2, _state(b"two")).version == 2
+
+
+def _chain(store: AdapterStore, n: int) -> None:
+    for v in range(1, n + 1):
+        store.write("ns", v - 1, [f"d{v}"], v, _state(f"state {v}".encode() * 50))
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncate", [Damage(3, "checksum", ("d3",))]),
+        ("manifest-deleted", [Damage(3, "manifest")]),
+        ("manifest-garbled", [Damage(3, "manifest")]),
+        ("manifest-foreign", [Damage(3, "manifest", ("d3",))]),
+        ("middle", [Damage(2, "checksum", ("d2",)), Damage(3, "orphan", ("d3",))]),
+        ("parent-gone", [Damage(2, "orphan", ("d2",)), Damage(3, "orphan", ("d3",))]),
+    ],
+)
+def test_damaged_snapshots_are_found_with_their_documents(
+    tmp_path: Path, damage: str, expected: list[Damage]
+) -> None:
+    store = AdapterStore(tmp_path)
+    _chain(store, 3)
+    three = store.path("ns", 3)
+    if damage == "truncate":
+        weights = three / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:7])
+    elif damage == "manifest-deleted":
+        (three / MANIFEST).unlink()
+    elif damage == "manifest-garbled":
+        (three / MANIFEST).write_text('{"version": 3, "par', encoding="utf-8")
+    elif damage == "manifest-foreign":
+        text = (three / MANIFEST).read_text(encoding="utf-8")
+        (three / MANIFEST).write_text(text.replace('"ns"', '"other"'), encoding="utf-8")
+    elif damage == "middle":
+        (store.path("ns", 2) / "sub" / "optimizer.pt").write_bytes(b"")
+    else:
+        for path in sorted(store.path("ns", 1).rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        store.path("ns", 1).rmdir()
+    assert store.damaged("ns") == expected
+
+
+def test_quarantine_moves_snapshots_aside_and_never_reuses_their_numbers(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    _chain(store, 3)
+    (store.path("ns", 3) / MANIFEST).unlink()
+    assert store.damaged("ns") == [Damage(3, "manifest")]
+    moved = store.quarantine("ns", store.damaged("ns"))
+    assert moved == [tmp_path / "ns" / ".quarantine" / "v000003-manifest"]
+    assert moved[0].is_dir() and (moved[0] / "adapter_model.safetensors").exists()
+    assert store.quarantined("ns") == ["v000003-manifest"] and store.quarantined("other") == []
+    assert store.versions("ns") == [1, 2] and store.damaged("ns") == []
+    assert store.namespaces() == ["ns"]
+    fresh = store.write("ns", 2, ["d3"], 3, _state(b"again"))
+    assert (fresh.version, fresh.parent) == (4, 2)
+    assert store.lineage("ns", 4) == {"d1": 1, "d2": 2, "d3": 4}
+    assert store.quarantine("ns", []) == []
 
 
 def test_snapshots_are_never_overwritten(tmp_path: Path) -> None:

@@ -36,6 +36,10 @@ GUARDED = [
     ("POST", "/v1/completions", {"prompt": "Alda", "max_tokens": 2}),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Who?"}]}),
     ("GET", "/v1/models", None),
+    ("PUT", "/v1/namespaces/default", {"lr": 0.001}),
+    ("GET", "/v1/namespaces/default", None),
+    ("POST", "/v1/namespaces/default/rollback", {"version": 0}),
+    ("DELETE", "/v1/documents/some-id", None),
 ]
 
 
@@ -179,6 +183,55 @@ def test_right_key_is_admitted_and_tenants_stay_apart(api: AuthApi) -> None:
     assert api.http.get(f"/v1/documents/{doc_id}", headers=everything).status_code == 200
     names = [m["id"] for m in api.http.get("/v1/models", headers=everything).json()["data"]]
     assert "default" in names
+
+
+def test_admin_operations_need_the_admin_scope_on_the_namespace(api: AuthApi) -> None:
+    writer_b = bearer(api.token("adm-b", "write"))
+    other = api.http.post(
+        "/v1/documents", json={"text": "Tenant B's fact.", "namespace": "adm-b"}, headers=writer_b
+    )
+    own = api.http.post(
+        "/v1/documents",
+        json={"text": "Tenant A's fact.", "namespace": "adm-a"},
+        headers=bearer(api.token("adm-a", "write")),
+    )
+    b_doc, a_doc = other.json()["id"], own.json()["id"]
+    admin_ops = [
+        ("PUT", "/v1/namespaces/adm-a", {"lr": 0.002}),
+        ("GET", "/v1/namespaces/adm-a", None),
+        ("POST", "/v1/namespaces/adm-a/rollback", {"version": 0}),
+        ("DELETE", f"/v1/documents/{a_doc}", None),
+    ]
+    for scopes in (("read",), ("write",), ("read", "write")):
+        key = bearer(api.token("adm-a", *scopes))
+        for method, path, body in admin_ops:
+            response = api.http.request(method, path, json=body, headers=key)
+            assert response.status_code == 403, (scopes, path, response.text)
+            assert "needs admin" in _detail(response) and "--scope admin" in _detail(response)
+
+    admin_a = bearer(api.token("adm-a", "admin"))
+    for method, path, body in [
+        ("PUT", "/v1/namespaces/adm-b", {"lr": 0.002}),
+        ("GET", "/v1/namespaces/adm-b", None),
+        ("POST", "/v1/namespaces/adm-b/rollback", {"version": 0}),
+    ]:
+        response = api.http.request(method, path, json=body, headers=admin_a)
+        assert response.status_code == 403 and "--namespace adm-b" in _detail(response), path
+    # Another tenant's document is as unknown as a missing one, and nothing is queued for it.
+    for doc_id in (b_doc, "no-such-document"):
+        response = api.http.delete(f"/v1/documents/{doc_id}", headers=admin_a)
+        assert response.status_code == 404 and doc_id in _detail(response)
+    assert not api.redis.exists(Keys(api.prefix).operations("adm-b"))
+
+    configured = api.http.put("/v1/namespaces/adm-a", json={"lr": 0.002}, headers=admin_a)
+    assert configured.status_code == 200 and configured.json()["config"]["lr"] == 0.002
+    forget = api.http.delete(f"/v1/documents/{a_doc}", headers=admin_a)
+    assert forget.status_code == 202 and forget.json()["document"] == a_doc
+    pending = api.http.get("/v1/namespaces/adm-a", headers=admin_a).json()["pending_operations"]
+    assert [op["operation"] for op in pending] == ["configure", "forget"]
+    assert api.http.get(f"/v1/documents/{a_doc}", headers=admin_a).status_code == 200
+    current = api.http.post("/v1/namespaces/adm-a/rollback", json={"version": 0}, headers=admin_a)
+    assert current.status_code == 409 and "already current" in _detail(current)
 
 
 def test_keys_are_stored_hashed(api: AuthApi) -> None:

@@ -8,20 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptation.answering import generate_answers
+from adaptation.answering import generate_answers, generate_batched
 from adaptation.data import write_documents
 from adaptation.mac.aggregator import Aggregator, AggregatorConfig
 from adaptation.mac.amortizer import EncoderConfig, tokenize
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.blocks import MaskedAttention
 from adaptation.mac.injection import encode_prompts, prefix_logits, prompt_positions
-from adaptation.mac.networks import MacConfig
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.prompts import qa_prompt
 from adaptation.world import WorldConfig, build_world
 from service.cli import main
-from tests.conftest import save_tiny
+from tests.conftest import save_tiny, tiny_mac_system
 
 DOCS = {
     "alda": "Alda Venn was born in Marrow Bay in 1961 and works for Quillon Works.",
@@ -31,16 +30,8 @@ DOCS = {
 QUESTIONS = ["Where was Alda Venn born?", "When was Super Bowl 50 played?"]
 
 
-def small_system(model_dir: Path, **sizes: int) -> MacSystem:
-    torch.manual_seed(0)
-    model, tok = load_base(model_dir, device="cpu")
-    shape = dict(width=32, layers=1, query_layers=1, num_tokens=4, window=4, chunk=2)
-    shape.update(sizes)
-    return MacSystem.create(model, tok, MacConfig.for_base(model, len(tok), **shape))
-
-
 def test_modulation_shape_per_family(tiny_family_dir: Path) -> None:
-    system = small_system(tiny_family_dir, num_tokens=5)
+    system = tiny_mac_system(tiny_family_dir, num_tokens=5)
     d = system.base.config.get_text_config().hidden_size
     mods = system.modulate(list(DOCS.values()))
     assert mods.shape == (3, 5, d)
@@ -55,12 +46,14 @@ def test_modulation_shape_per_family(tiny_family_dir: Path) -> None:
 
 
 def test_prefix_changes_outputs_only_when_memory_is_non_empty(tiny_family_dir: Path) -> None:
-    system = small_system(tiny_family_dir)
+    system = tiny_mac_system(tiny_family_dir)
     base, tok = system.base, system.tokenizer
     assert system.prefix(QUESTIONS) is None
     assert system.answer(QUESTIONS, max_new_tokens=6) == generate_answers(
         base, tok, QUESTIONS, max_new_tokens=6
     )
+    prompts = ["Alda Venn was born in", "Super Bowl"]
+    assert system.complete(prompts, 6) == generate_batched(base, tok, prompts, max_new_tokens=6)
     ids, mask = encode_prompts(tok, [qa_prompt(q) for q in QUESTIONS], "cpu")
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask)).logits
@@ -79,7 +72,7 @@ def test_prefix_changes_outputs_only_when_memory_is_non_empty(tiny_family_dir: P
 
 
 def test_amortizer_ignores_padding(tiny_model_dir: Path) -> None:
-    system = small_system(tiny_model_dir)
+    system = tiny_mac_system(tiny_model_dir)
     nets, enc_tok = system.networks, system.encoder_tokenizer
     short, long = DOCS["selka"][:20], DOCS["bowl"]
     ids, mask = tokenize(enc_tok, [short, long], 64)
@@ -161,7 +154,7 @@ def test_aggregator_ignores_padded_entries_at_every_level() -> None:
 
 
 def test_bank_versions_drop_and_restart(tiny_model_dir: Path, tmp_path: Path) -> None:
-    system = small_system(tiny_model_dir)
+    system = tiny_mac_system(tiny_model_dir)
     system.ingest_many(list(DOCS.items()))
     assert system.bank.version == 3 and system.bank.ids == list(DOCS)
     assert system.drop("selka") and not system.drop("selka")
@@ -183,7 +176,7 @@ def test_bank_versions_drop_and_restart(tiny_model_dir: Path, tmp_path: Path) ->
 
 
 def test_wrong_base_or_missing_dir_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    system = small_system(tiny_model_dir)
+    system = tiny_mac_system(tiny_model_dir)
     system.save(tmp_path / "mac")
     other, tok = load_base(save_tiny(tmp_path / "gpt2", "gpt2"), device="cpu")
     with pytest.raises(ValueError, match="trained for a base"):

@@ -143,7 +143,6 @@ def encode_prompts(
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-@torch.no_grad()
 def generate_with_prefix(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -153,8 +152,21 @@ def generate_with_prefix(
     max_new_tokens: int = 16,
 ) -> list[str]:
     """Greedy answers to a batch of questions, one prefix row per question."""
-    device = next(model.parameters()).device
     prompts = [qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)]
+    texts = continue_with_prefix(model, tokenizer, prefix_kv, prompts, max_new_tokens)
+    return [clean_answer(t) for t in texts]
+
+
+@torch.no_grad()
+def continue_with_prefix(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prefix_kv: PrefixKV | None,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy continuations of raw prompts to the end of their line, one prefix row each."""
+    device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
     stop = torch.tensor(newline_token_ids(tokenizer), device=device)
     out = _forward(model, prefix_kv, ids, mask, use_cache=True)
@@ -162,11 +174,11 @@ def generate_with_prefix(
     full_mask = mask if prefix_kv is None else torch.cat([prefix_kv.mask.to(mask.dtype), mask], 1)
     position = prompt_positions(mask)[:, -1:]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    answers: list[list[int]] = [[] for _ in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
         token = out.logits[:, -1].argmax(dim=-1)
         for row in torch.nonzero(~done).flatten().tolist():
-            answers[row].append(int(token[row]))
+            generated[row].append(int(token[row]))
         done |= torch.isin(token, stop)
         if bool(done.all()):
             break
@@ -180,5 +192,4 @@ def generate_with_prefix(
             use_cache=True,
         )
         cache = out.past_key_values
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return [clean_answer(t) for t in texts]
+    return tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -20,7 +20,12 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.mac.amortizer import tokenize
 from adaptation.mac.bank import MemoryBank
-from adaptation.mac.injection import PrefixKV, PrefixShape, generate_with_prefix
+from adaptation.mac.injection import (
+    PrefixKV,
+    PrefixShape,
+    continue_with_prefix,
+    generate_with_prefix,
+)
 from adaptation.mac.networks import MacConfig, MacNetworks
 
 CONFIG = "mac_config.json"
@@ -183,6 +188,12 @@ class MacSystem:
                 )
             )
         return out
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy continuations of raw prompts (to the end of the line), each prompt aggregating
+        the whole bank as if it were the question."""
+        prefix = self.prefix(prompts)
+        return continue_with_prefix(self.base, self.tokenizer, prefix, prompts, max_new_tokens)
 
 
 def _pad_entries(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

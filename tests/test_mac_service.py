@@ -1,0 +1,260 @@
+"""Mode mac through the service: banks as snapshots, per-namespace serving, restarts, and the
+startup check, on a tiny base with tiny untrained MAC networks, real Redis and real HTTP."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import torch
+
+from adaptation.answering import generate_answers
+from adaptation.mac.bank import MemoryBank
+from adaptation.mac.system import BANK
+from adaptation.modeling import load_base
+from adaptation.weighting import make_weighter
+from service.adapters import AdapterStore, publish_version
+from service.cli import main
+from service.engine import open_engine
+from service.keys import Keys
+from service.mac_mode import MacBackend, MacModels, MacServingEngine
+from service.redis_conn import client
+from service.settings import ConfigError, Settings
+from service.worker import open_backends
+from tests.servicekit import (
+    drop_prefix,
+    live_api,
+    make_settings,
+    redis_for_tests,
+    start_worker,
+    stop_process,
+    unique_prefix,
+    wait_until,
+)
+
+NS = "macns"
+QUESTION = "Where was Alda Venn born?"
+NAMESPACES = ("alpha", "beta", "default")  # default publishes nothing: the bare base answers
+DOCS = [
+    "Alda Venn was born in Marrow Bay in 1961 and works for Quillon Works.",
+    "The weather in Port Selka stayed mild, said 42 residents on Tuesday.",
+    "Super Bowl 50 was an American football game played on February 7, 2016.",
+    "Orla Quist moved from Tarn Ridge to Vellum Point in 2019.",
+    "Quillon Works was founded in 1932 and has its headquarters in Marrow Bay.",
+]
+
+
+def mac_settings(model_dir: Path, mac_dir: Path, tmp: Path, url: str, prefix: str) -> Settings:
+    return make_settings(
+        model_dir,
+        tmp / "store",
+        url,
+        prefix,
+        mode="mac",
+        mac_dir=mac_dir,
+        snapshot_every=3,
+        answer_wait_ms=50,
+    )
+
+
+def test_mac_mode_without_trained_networks_stops_at_start(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    unset = Settings(model=str(tiny_model_dir), mode="mac")
+    with pytest.raises(ConfigError, match="needs UPTAKE_MAC_DIR"):
+        unset.check()
+    missing = unset.model_copy(update={"mac_dir": tmp_path / "nothing"})
+    with pytest.raises(ConfigError, match="meta-train mac"):
+        open_backends(missing, make_weighter("uniform"))
+    Settings(model=str(tiny_model_dir)).check()  # lora needs no MAC directory
+
+    monkeypatch.setenv("UPTAKE_MODE", "mac")
+    monkeypatch.setenv("UPTAKE_MAC_DIR", str(tmp_path / "nothing"))
+    for command in ("worker", "serve", "up"):
+        assert main([command, "--model", str(tiny_model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"uptake {command}: UPTAKE_MAC_DIR={tmp_path / 'nothing'}" in err
+        assert "uptake meta-train mac" in err
+
+
+def test_bank_backend_snapshots_reopens_and_drops(
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    settings = make_settings(
+        tiny_model_dir, tmp_path, "redis://unused", "p", mode="mac", mac_dir=tiny_mac_dir
+    )
+    models = open_backends(settings, make_weighter("uniform"))
+    assert isinstance(models, MacModels)
+    backend = models.open(NS, None, settings)
+    for i, text in enumerate(DOCS[:3]):
+        assert backend.ingest(text, f"d{i}").applied
+    assert backend.ingest(DOCS[0], "d0").applied  # a repeat is already learned
+    assert backend.system.bank.ids == ["d0", "d1", "d2"]
+    backend.write_state(tmp_path / "snap")
+
+    reopened = models.open(NS, tmp_path / "snap", settings)
+    assert isinstance(reopened, MacBackend)
+    assert reopened.system.networks is backend.system.networks  # shared, only banks differ
+    assert torch.equal(reopened.system.bank.tensor(), backend.system.bank.tensor())
+    assert reopened.answer([QUESTION]) == backend.answer([QUESTION])
+    assert reopened.drop("d1") and not reopened.drop("d1")
+    assert reopened.system.bank.ids == ["d0", "d2"]
+    assert backend.system.bank.ids == ["d0", "d1", "d2"]
+
+
+def _publish_bank(
+    settings: Settings, models: MacModels, r: redis.Redis, namespace: str, texts: list[str]
+) -> int:
+    """Snapshot a bank holding `texts` as the namespace's next version, and publish it."""
+    store = AdapterStore(settings.adapters_dir())
+    backend = models.open(namespace, None, settings)
+    for i, text in enumerate(texts):
+        backend.ingest(text, f"{namespace}-{i}")
+    manifest = store.write(namespace, store.latest(namespace), [], 0, backend.write_state)
+    keys = Keys(settings.redis_prefix)
+    r.sadd(keys.namespaces, namespace)
+    publish_version(r, keys, namespace, manifest.version)
+    return manifest.version
+
+
+def test_engine_answers_each_namespace_from_its_bank_and_follows_new_versions(
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix)
+        models = MacModels.load(settings)
+        r = client(url)
+        sizes: list[int] = []
+        store = AdapterStore(settings.adapters_dir())
+        engine = open_engine(settings, r, Keys(prefix), store, on_batch=sizes.append)
+        assert isinstance(engine, MacServingEngine)
+        try:
+            _publish_bank(settings, models, r, "alpha", DOCS[:2])
+            _publish_bank(settings, models, r, "beta", DOCS[2:])
+            engine.load()
+            engine.refresh()
+            assert engine.versions() == {"alpha": 1, "beta": 1}
+            asks = [(f"Where does person {i} live?", ns) for i in range(4) for ns in NAMESPACES]
+            sequential = [engine.answer(q, ns, 6) for q, ns in asks]
+            sizes.clear()
+            with ThreadPoolExecutor(len(asks)) as pool:
+                concurrent = list(pool.map(lambda a: engine.answer(a[0], a[1], 6), asks))
+
+            assert _publish_bank(settings, models, r, "alpha", DOCS) == 2
+            engine.refresh()
+            assert engine.version("alpha") == 2
+            assert engine.answer(QUESTION, "alpha", 6)[1] == 2
+
+            # A snapshot that passes its checksum but cannot be loaded keeps the old version.
+            alien = MemoryBank(3, 5)
+            alien.append("x", torch.zeros(3, 5))
+            bad = store.write("beta", 1, ["x"], 1, lambda d: alien.save(d / BANK))
+            publish_version(r, Keys(prefix), "beta", bad.version)
+            engine.refresh()
+            assert engine.version("beta") == 1
+            assert engine.answer(QUESTION, "beta", 6)[1] == 1
+        finally:
+            engine.stop()
+            drop_prefix(url, prefix)
+            r.close()
+    assert concurrent == sequential
+    assert len(sizes) < len(asks) / 2 and max(sizes) > 1, sizes
+    assert [v for _, v in sequential] == [0 if ns == "default" else 1 for _, ns in asks]
+    by_ns = {ns: [t for (t, _), (_, n) in zip(sequential, asks) if n == ns] for ns in NAMESPACES}
+    assert by_ns["alpha"] != by_ns["beta"] != by_ns["default"]
+    base, tok = load_base(tiny_model_dir, device="cpu")
+    questions = [q for q, ns in asks if ns == "default"]
+    assert by_ns["default"] == generate_answers(base, tok, questions, max_new_tokens=6)
+
+
+def test_mac_mode_end_to_end_survives_a_worker_restart(
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix)
+        store = AdapterStore(settings.adapters_dir())
+        worker = start_worker(settings, log)
+        try:
+            with live_api(settings) as api, httpx.Client(base_url=api, timeout=180) as http:
+                wait_until(lambda: http.get("/readyz").status_code == 200, 120, what="readiness")
+                empty = _answer(http, NS, [])
+                base, tok = load_base(tiny_model_dir, device="cpu")
+                (plain,) = generate_answers(base, tok, [QUESTION], max_new_tokens=8)
+                assert empty == {**empty, "answer": plain, "adapter_version": 0}
+
+                batch = http.post(
+                    "/v1/documents",
+                    json={"documents": [{"text": t, "namespace": NS} for t in DOCS[:4]]},
+                )
+                assert batch.status_code == 202, batch.text
+                ids = [d["id"] for d in batch.json()["documents"]]
+                last = _answer(http, NS, ids, log)
+                assert last["answer"] != empty["answer"]  # memory now changes what the base says
+                versions = http.get("/v1/adapters", params={"namespace": NS}).json()["versions"]
+                assert versions[-1]["version"] == last["adapter_version"] >= 2  # 3 + 1 documents
+                assert sorted(d for v in versions for d in v["doc_ids"]) == sorted(ids)
+                assert {v["info"]["mode"] for v in versions} == {"mac"}
+                assert _bank(store, last["adapter_version"]).ids == _lineage_order(versions)
+                assert _answer(http, "elsewhere", [])["answer"] == empty["answer"]
+
+                assert stop_process(worker) == 0, log.read_text()[-3000:]
+                worker = start_worker(settings, log)
+                fresh = http.post("/v1/documents", json={"text": DOCS[4], "namespace": NS})
+                after = _answer(http, NS, [fresh.json()["id"]], log)
+                assert after["adapter_version"] > last["adapter_version"]
+                bank = _bank(store, after["adapter_version"])
+                assert bank.ids == [*_lineage_order(versions), fresh.json()["id"]]
+                assert bank.num_entries == 5
+
+                done = http.post(
+                    "/v1/completions", json={"model": NS, "prompt": "Alda Venn", "max_tokens": 4}
+                )
+                assert done.status_code == 200, done.text
+                assert done.json()["adapter_version"] == after["adapter_version"]
+            assert stop_process(worker) == 0, log.read_text()[-3000:]
+        finally:
+            stop_process(worker)
+            drop_prefix(url, prefix)
+
+
+def _answer(
+    http: httpx.Client, namespace: str, wait_for: list[str], log: Path | None = None
+) -> dict[str, Any]:
+    """Ask QUESTION once `wait_for` is applied, and check the answer's version holds it."""
+    response = http.post(
+        "/v1/answer",
+        json={
+            "question": QUESTION,
+            "namespace": namespace,
+            "max_new_tokens": 8,
+            "wait_for": wait_for,
+            "timeout_s": 120,
+        },
+    )
+    assert response.status_code == 200, (response.text, log.read_text()[-3000:] if log else "")
+    body = response.json()
+    for doc_id in wait_for:  # read-your-writes: the answer's version holds every document
+        record = http.get(f"/v1/documents/{doc_id}").json()
+        assert record["status"] == "applied"
+        assert body["adapter_version"] >= record["adapter_version"]
+    return body
+
+
+def _bank(store: AdapterStore, version: int) -> MemoryBank:
+    assert store.verify(NS, version)
+    return MemoryBank.load(store.path(NS, version) / BANK)
+
+
+def _lineage_order(versions: list[dict[str, Any]]) -> list[str]:
+    """Document ids in the order the worker appended them to the bank."""
+    return [d for v in versions for d in v["doc_ids"]]
