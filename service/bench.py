@@ -282,7 +282,9 @@ def run_bench(
     base_settings: Settings | None = None,
     command: str = "uptake bench",
     log: Callable[[str], None] = print,
+    mac_dir: Path | None = None,
 ) -> dict:
+    """`mac_dir`: trained MAC networks for this base, to measure mode mac's freshness too."""
     out.mkdir(parents=True, exist_ok=True)
     docs = stream_documents(max(cfg.docs, cfg.freshness_docs))
     texts = [d.text for d in docs[: cfg.docs + WARMUP_DOCS]]
@@ -326,27 +328,35 @@ def run_bench(
                 row = http_answering(http, questions, clients)
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
-        fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
-            update={
-                "redis_prefix": settings.redis_prefix + "-fresh",
-                "store_dir": Path(tmp) / "store-fresh",
-                "snapshot_seconds": 1.0,
+        modes: dict[str, dict] = {"lora": {}}
+        if mac_dir is not None:
+            modes["mac"] = {"mode": "mac", "mac_dir": mac_dir}
+        else:
+            report["modes_not_measured"] = {
+                "mac": "not measured: pass --mac DIR (trained MAC networks, from "
+                "`uptake meta-train mac`)"
             }
-        )
-        with live_service(fresh_settings, with_worker=True) as http:
-            log(f"(c) freshness at {cfg.ingest_rate:g} documents/s ({cfg.freshness_docs} docs)")
-            report["freshness"]["lora"] = freshness(
-                http, docs[: cfg.freshness_docs], cfg.ingest_rate
+        for mode, update in modes.items():
+            fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
+                update={
+                    "redis_prefix": f"{settings.redis_prefix}-fresh-{mode}",
+                    "store_dir": Path(tmp) / f"store-fresh-{mode}",
+                    "snapshot_seconds": 1.0,
+                    **update,
+                }
             )
-        for prefix in (settings.redis_prefix, fresh_settings.redis_prefix):
-            stale = list(client.scan_iter(f"{prefix}:*", count=500))
-            if stale:
-                client.delete(*stale)
+            with live_service(fresh_settings, with_worker=True) as http:
+                log(
+                    f"(c) {mode} freshness at {cfg.ingest_rate:g} documents/s "
+                    f"({cfg.freshness_docs} docs)"
+                )
+                report["freshness"][mode] = freshness(
+                    http, docs[: cfg.freshness_docs], cfg.ingest_rate
+                )
+        stale = list(client.scan_iter(f"{settings.redis_prefix}*", count=500))
+        if stale:
+            client.delete(*stale)
         client.close()
-    report["modes_not_measured"] = {
-        "mac": "not measured yet: mode mac needs trained MAC networks (UPTAKE_MAC_DIR), and "
-        "the bench does not train them"
-    }
     report["command"] = command
     write_bench(report, out)
     return report

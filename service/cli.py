@@ -380,21 +380,42 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
         "weights",
         help="show a weighting model's per-token weights on some text",
         description="Prints the text with each token's background coloured by its weight "
-        "(relative to the largest in the text), and optionally draws a PNG heat-strip.",
+        "(relative to the largest in the text), and optionally draws a PNG heat-strip. With "
+        "--breakdown, instead tells how much weight falls on the facts, the entity, the "
+        "distractors and the filler of a knowledge-world stream.",
     )
-    p.add_argument("text", help="the text to weigh; '-' reads standard input, '@FILE' a file")
-    p.add_argument("--weighter", required=True, help="weighting model directory (meta-train out)")
+    p.add_argument(
+        "text", nargs="?", help="the text to weigh; '-' reads standard input, '@FILE' a file"
+    )
+    p.add_argument(
+        "--weighter",
+        required=True,
+        help="weighting model directory (meta-train out); with --breakdown, a comma list of "
+        "directories and names (uniform, salient, tfidf)",
+    )
     p.add_argument("--png", default=None, help="also write a heat-strip image here")
     p.add_argument("--table", action="store_true", help="one token per line instead of colour")
+    p.add_argument(
+        "--breakdown",
+        default=None,
+        metavar="STREAM",
+        help="a world JSONL stream (e.g. eval_stream.jsonl): print each weighting's mean weight "
+        "per character class, relative to the article's mean (1 = average), and its share",
+    )
     p.set_defaults(handler=_run_weights)
 
 
 def _run_weights(args: argparse.Namespace) -> int:
+    if args.breakdown:
+        return _run_weight_breakdown(args)
     from pathlib import Path
 
     from adaptation.weighting.camels import CamelsWeighter
     from adaptation.weighting.display import ansi_rendering, heat_strip_png, summary, weight_table
 
+    if args.text is None:
+        print("uptake weights: give the text to weigh, or --breakdown STREAM", file=sys.stderr)
+        return 2
     try:
         if args.text == "-":
             text = sys.stdin.read()
@@ -411,6 +432,29 @@ def _run_weights(args: argparse.Namespace) -> int:
     print(summary(spans))
     if args.png:
         print(heat_strip_png(text, spans, args.png, title=str(args.weighter)))
+    return 0
+
+
+def _run_weight_breakdown(args: argparse.Namespace) -> int:
+    from adaptation.data import read_documents
+    from adaptation.weighting import make_weighter
+    from adaptation.weighting.breakdown import breakdown_table, weight_breakdown
+
+    try:
+        docs = read_documents(args.breakdown)
+        corpus = [d.text for d in docs]
+        weighters = {
+            name: make_weighter(name, corpus=corpus)
+            if name in ("uniform", "salient", "tfidf")
+            else make_weighter("camels", path=name)
+            for name in _names(args.weighter)
+        }
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"uptake weights: {exc}", file=sys.stderr)
+        return 2
+    results = {name: weight_breakdown(w, docs) for name, w in weighters.items()}
+    print(f"{len(docs)} articles of {args.breakdown}: relative weight (share of all weight)")
+    print(breakdown_table(results))
     return 0
 
 
@@ -605,6 +649,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "(d) ingest and storage cost per document. Each pair is measured in the same run.",
     )
     p.add_argument("--model", default=None, help="model directory or hub id (default: the demo)")
+    p.add_argument(
+        "--mac",
+        default=None,
+        metavar="DIR",
+        help="trained MAC networks for this model (`uptake meta-train mac`): also measure "
+        "freshness in mode mac",
+    )
     p.add_argument("--out", default="bench", help="output directory (default: ./bench)")
     p.add_argument("--quick", action="store_true", help="a short run (the CI regression check)")
     p.add_argument(
@@ -631,10 +682,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     model = args.model or str(ensure_demo_model())
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     out = Path(args.out)
-    flags = ["--quick"] if args.quick else []
+    flags = (["--quick"] if args.quick else []) + (["--mac", args.mac] if args.mac else [])
     command = shlex.join(["uptake", "bench", *flags, "--model", model, "--out", args.out])
+    mac_dir = Path(args.mac) if args.mac else None
     try:
-        report = run_bench(model, out, cfg, settings, command=command)
+        report = run_bench(model, out, cfg, settings, command=command, mac_dir=mac_dir)
     finally:
         close_embedded()
     print((out / "bench.md").read_text())

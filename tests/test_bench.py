@@ -13,7 +13,7 @@ from tests.servicekit import redis_for_tests
 
 
 def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "bench"
     with redis_for_tests(tmp_path) as url:
@@ -25,6 +25,8 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
                 "--quick",
                 "--model",
                 str(tiny_model_dir),
+                "--mac",
+                str(tiny_mac_dir),
                 "--out",
                 str(out),
                 "--fail-below",
@@ -38,8 +40,10 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
     )
     assert [row["clients"] for row in report["answering"]] == [1, 8]
     assert all(row["p99_seconds"] >= row["p50_seconds"] > 0 for row in report["answering"])
-    fresh = report["freshness"]["lora"]
-    assert fresh["documents"] == fresh["documents_applied"] == 6  # each trained, none skipped
+    for mode in ("lora", "mac"):
+        fresh = report["freshness"][mode]
+        assert fresh["documents"] == fresh["documents_applied"] == 6, mode  # none skipped
+    assert "modes_not_measured" not in report
     assert report["ingest"]["lora"]["documents"] == 16 + 2
-    assert "uptake bench --quick" in (out / "bench.md").read_text()
+    assert f"uptake bench --quick --mac {tiny_mac_dir}" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 0

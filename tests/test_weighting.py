@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from adaptation.data import QA, Document
 from adaptation.tokenizer import train_bpe_tokenizer
 from adaptation.weighting import (
     SalientWeighter,
@@ -15,6 +16,7 @@ from adaptation.weighting import (
     encode_weighted,
     make_weighter,
 )
+from adaptation.weighting.breakdown import CLASSES, char_classes, weight_breakdown
 from tests.conftest import tiny_tokenizer
 
 TEXT = (
@@ -242,3 +244,30 @@ def test_uniform_weighting_is_uniform_on_every_token() -> None:
     text = "Alda Venn   was born\n\nin Marrow Bay in 1961 .  Done"
     enc = encode_weighted(text, tiny_tokenizer(), UniformWeighter())
     assert bool((enc.weights == 1.0).all())
+
+
+def test_breakdown_classes_and_weights() -> None:
+    doc = Document(
+        id="d",
+        text="Ada Quill works for Hale Works. About 4000 people came to Brisk in 1990.",
+        questions=(QA("Where does Ada Quill work?", ("Hale Works",)),),
+        meta={"entity": "Ada Quill"},
+    )
+    labels = char_classes(doc)
+    by_class = {
+        name: "".join(c for c, k in zip(doc.text, labels, strict=True) if k == i)
+        for i, name in enumerate(CLASSES)
+    }
+    assert by_class == {
+        "fact": "HaleWorks",
+        "entity": "AdaQuill",
+        "distractor": "4000Brisk1990",
+        "filler": "worksfor.Aboutpeoplecametoin.",
+    }
+    out = weight_breakdown(make_weighter("salient"), [doc])
+    assert out["filler"].share == 0.0 and out["filler"].relative == 0.0
+    assert out["fact"].relative == out["distractor"].relative > 1.0
+    uniform = weight_breakdown(make_weighter("uniform"), [doc])
+    assert all(abs(c.relative - 1.0) < 1e-9 for c in uniform.values())
+    assert abs(sum(c.share for c in uniform.values()) - 1.0) < 1e-9
+    assert uniform["filler"].chars == len(by_class["filler"])
