@@ -251,7 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     f"{where} has {len(doc.text):,} characters, over the limit of "
                     f"{settings.max_doc_chars:,} (UPTAKE_MAX_DOC_CHARS); split it into parts",
                 )
-        accepted = [_submit(s.docs, doc) for doc in batch]
+        accepted = [_submit(s.docs, doc, access) for doc in batch]
         return (
             DocumentsAccepted(documents=accepted)
             if isinstance(body, DocumentBatchIn)
@@ -552,11 +552,14 @@ def _unprocessable(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidati
     return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
 
 
-def _submit(docs: DocumentStore, doc: DocumentIn) -> DocumentAccepted:
+def _submit(docs: DocumentStore, doc: DocumentIn, access: Access) -> DocumentAccepted:
     try:
         sub = docs.submit(doc.text, doc.namespace, doc.id, doc.source, doc.metadata)
     except IdConflict as exc:
-        raise HTTPException(409, str(exc)) from exc
+        where = f" (namespace {exc.namespace!r})" if access.covers(exc.namespace) else ""
+        raise HTTPException(
+            409, f"{exc}{where}; choose another id or omit it to use a content hash"
+        ) from exc
     return DocumentAccepted(id=sub.id, status=sub.status, namespace=sub.namespace)
 
 

@@ -205,7 +205,7 @@ def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client
         return http.get("/readyz").status_code == 200
 
     try:
-        _wait(ready, 600, f"the API (logs in {logs})")
+        wait_until(ready, 600, f"the API to be ready (logs in {logs})")
         yield http
     finally:
         http.close()
@@ -215,7 +215,8 @@ def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client
             proc.wait(timeout=120)
 
 
-def _wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(probe: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `probe` (an HTTP error counts as not yet) until it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -224,7 +225,7 @@ def _wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{what} did not become ready within {timeout:.0f} s")
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def bare_answer_rate(settings: Settings, questions: list[str]) -> float:

@@ -697,6 +697,68 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_forget_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "forget-check",
+        help="measure forgetting: a forgotten document's F1 and the others' answers",
+        description="Runs `uptake serve` and `uptake worker` on a fresh store, answers every "
+        "question of the stream's first documents on the bare base, ingests them, answers "
+        "again, forgets the document whose F1 gained most (DELETE /v1/documents/{id}) and "
+        "answers a third time. Prints the forgotten document's F1 before ingest, after ingest "
+        "and after the forget, the other documents' mean F1, and the share of their answers the "
+        "forget left unchanged.",
+    )
+    p.add_argument("--model", default=None, help="base model dir or hub id (default: the demo)")
+    p.add_argument(
+        "--data", default=None, help="stream with questions (default: the world's eval stream)"
+    )
+    p.add_argument("--docs", type=int, default=20, help="how many documents to ingest")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--steps", type=int, default=3, help="update steps per document (uptake eval's best)"
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
+    p.set_defaults(handler=_run_forget_check)
+
+
+def _run_forget_check(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from adaptation.paths import demo_model_dir, demo_world_dir
+    from service.forget_check import ForgetConfig, forget_table, run_forget_check, write_figures
+    from service.redis_conn import close_embedded
+    from service.settings import Settings
+
+    model = args.model or str(demo_model_dir())
+    data = Path(args.data) if args.data else demo_world_dir() / "eval_stream.jsonl"
+    if not args.model and not Path(model, "config.json").exists():
+        print(
+            "uptake forget-check: no demo model yet; build it with `uptake bootstrap`",
+            file=sys.stderr,
+        )
+        return 2
+    if not data.exists():
+        print(
+            f"uptake forget-check: {data} does not exist; give --data, or run `uptake world`",
+            file=sys.stderr,
+        )
+        return 2
+    cfg = ForgetConfig(docs=args.docs, lr=args.lr, steps_per_doc=args.steps)
+    flags = ["--model", model, "--data", str(data), "--docs", str(cfg.docs), "--lr", f"{cfg.lr:g}"]
+    flags += ["--steps", str(cfg.steps_per_doc)] + (["--json", args.json] if args.json else [])
+    try:
+        figures = run_forget_check(
+            model, data, cfg, Settings(), command=shlex.join(["uptake", "forget-check", *flags])
+        )
+    finally:
+        close_embedded()
+    print(forget_table(figures))
+    if args.json:
+        write_figures(figures, Path(args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uptake",
@@ -714,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_up,
         _add_keys,
         _add_bench,
+        _add_forget_check,
     ):
         add(sub)
     return parser

@@ -53,7 +53,12 @@ return 1
 
 
 class IdConflict(ValueError):
-    """A client-chosen id already names a different document."""
+    """A client-chosen id already names a different document, in `namespace`: the API names that
+    namespace only to a key that covers it."""
+
+    def __init__(self, doc_id: str, namespace: str) -> None:
+        super().__init__(f"document id {doc_id!r} already names a different document")
+        self.namespace = namespace
 
 
 @dataclass(frozen=True)
@@ -140,10 +145,7 @@ class DocumentStore:
         ]
         created, status, stored_ns, stored_digest = self._submit(keys=keys, args=args)
         if not created and (stored_ns != namespace or stored_digest != fields["digest"]):
-            raise IdConflict(
-                f"document id {doc_id!r} already names a different document "
-                f"(namespace {stored_ns!r}); choose another id or omit it to use a content hash"
-            )
+            raise IdConflict(doc_id, stored_ns)
         return Submission(id=doc_id, status=status, namespace=stored_ns, created=bool(created))
 
     def get(self, doc_id: str) -> DocumentRecord | None:

@@ -234,6 +234,31 @@ def test_admin_operations_need_the_admin_scope_on_the_namespace(api: AuthApi) ->
     assert current.status_code == 409 and "already current" in _detail(current)
 
 
+def test_every_scope_on_one_namespace_still_reaches_nothing_of_another(api: AuthApi) -> None:
+    """What the tests above leave out: chat naming the other namespace, an admin key (which
+    may look up any document of its own namespace) asking for the other's document, and a
+    document sent under an id the other namespace already uses."""
+    other = api.http.post(
+        "/v1/documents",
+        json={"text": "Tenant B's own fact.", "namespace": "iso-b"},
+        headers=bearer(api.token("iso-b", "write")),
+    )
+    b_doc = other.json()["id"]
+    key = bearer(api.token("iso-a", "read", "write", "admin"))
+    chat = api.http.post(
+        "/v1/chat/completions",
+        json={"model": "iso-b", "messages": [{"role": "user", "content": "Who?"}]},
+        headers=key,
+    )
+    assert chat.status_code == 403 and "--namespace iso-b" in _detail(chat)
+    lookup = api.http.get(f"/v1/documents/{b_doc}", headers=key)
+    assert lookup.status_code == 404 and "Tenant B" not in lookup.text
+    # Ids are global, so reusing B's id is refused; the refusal does not name B's namespace.
+    clash = {"id": b_doc, "text": "Tenant A's fact.", "namespace": "iso-a"}
+    refused = api.http.post("/v1/documents", json=clash, headers=key)
+    assert refused.status_code == 409 and "iso-b" not in refused.text
+
+
 def test_keys_are_stored_hashed(api: AuthApi) -> None:
     token = api.token("hashed", "read")
     secret = token.split("_", 2)[2]
