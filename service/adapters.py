@@ -176,6 +176,15 @@ class AdapterStore:
             _fsync(base)
         return moved
 
+    def nbytes(self, namespace: str, version: int) -> int:
+        """What a snapshot costs on disk (0 for the bare base): the adapter and optimizer state,
+        or the memory bank."""
+        if version == 0:
+            return 0
+        return sum(
+            p.stat().st_size for p in self.path(namespace, version).rglob("*") if p.is_file()
+        )
+
     def quarantined(self, namespace: str) -> list[str]:
         """Names of the snapshots moved into quarantine, oldest version first."""
         target = self.root / namespace / QUARANTINE

@@ -416,6 +416,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             published_version=published,
             serving_version=s.engine.version(namespace),
             documents_applied=applied,
+            state_bytes=s.store.nbytes(namespace, latest),
             quarantined=s.store.quarantined(namespace),
             model=settings.model,
             mode=settings.mode,

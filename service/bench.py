@@ -129,15 +129,11 @@ def worker_vs_bare(
     return len(measured) / seconds["bare"], len(measured) / seconds["worker"], worker
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def ingest_costs(worker: Worker, texts: list[str]) -> dict[str, float]:
     """(d) Bytes each document leaves behind: its Redis record and its share of a snapshot."""
     store = worker.store
     latest = store.latest(NAMESPACE)
-    snapshot = _dir_bytes(store.path(NAMESPACE, latest))
+    snapshot = store.nbytes(NAMESPACE, latest)
     ids = list(store.lineage(NAMESPACE, latest))
     redis_bytes = sum(worker.redis.memory_usage(worker.keys.doc(i)) or 0 for i in ids)
     return {

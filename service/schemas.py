@@ -302,6 +302,10 @@ class StatusOut(BaseModel):
     published_version: int
     serving_version: int
     documents_applied: int = Field(description="documents in the lineage of the newest snapshot")
+    state_bytes: int = Field(
+        description="the newest snapshot on disk: LoRA adapter and optimizer state (a fixed "
+        "size), or the memory bank (one entry per document, in mode mac)"
+    )
     quarantined: list[str] = Field(
         default_factory=list,
         description="damaged snapshots the worker moved aside (.quarantine/vNNNNNN-reason); "

@@ -193,3 +193,4 @@ def test_repair_redoes_a_lost_forget_and_owns_up_to_a_lost_rollback(
     with TestClient(create_app(settings)) as http:
         status = http.get("/v1/status", params={"namespace": NS}).json()
     assert status["quarantined"] == ["v000003-manifest"] and status["documents_applied"] == 3
+    assert status["state_bytes"] == store.nbytes(NS, 2) > 0

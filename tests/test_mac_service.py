@@ -206,6 +206,9 @@ def test_mac_mode_end_to_end_survives_a_worker_restart(
                 assert {v["info"]["mode"] for v in versions} == {"mac"}
                 assert _bank(store, last["adapter_version"]).ids == _lineage_order(versions)
                 assert _answer(http, "elsewhere", [])["answer"] == empty["answer"]
+                status = http.get("/v1/status", params={"namespace": NS}).json()
+                four = status["state_bytes"]
+                assert four == store.nbytes(NS, status["published_version"]) > 0
 
                 assert stop_process(worker) == 0, log.read_text()[-3000:]
                 worker = start_worker(settings, log)
@@ -215,6 +218,8 @@ def test_mac_mode_end_to_end_survives_a_worker_restart(
                 bank = _bank(store, after["adapter_version"])
                 assert bank.ids == [*_lineage_order(versions), fresh.json()["id"]]
                 assert bank.num_entries == 5
+                status = http.get("/v1/status", params={"namespace": NS}).json()
+                assert status["state_bytes"] > four  # the bank grows by one entry
 
                 done = http.post(
                     "/v1/completions", json={"model": NS, "prompt": "Alda Venn", "max_tokens": 4}
