@@ -185,6 +185,7 @@ class MetaLearner:
         self.weighter.requires_grad_(True)
         self.weighter.train()
         self.optimizer = torch.optim.Adam(self.weighter.parameters(), lr=config.outer_lr)
+        self.skipped_steps = 0
         self._prepared: dict[str, PreparedDoc] = {}
 
     def prepare(self, doc: Document) -> PreparedDoc:
@@ -312,9 +313,15 @@ class MetaLearner:
         (out.total * scale).backward(inputs=list(self.weighter.parameters()))
 
     def step(self) -> float:
-        """One Adam step on the weighting model from the accumulated gradient; returns its norm."""
+        """One Adam step on the weighting model from the accumulated gradient; returns its norm.
+
+        A non-finite gradient (an inner loop that blew up) is dropped, not applied: one such step
+        would turn every weight into NaN for the rest of the run."""
         norm = torch.nn.utils.clip_grad_norm_(self.weighter.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -496,7 +503,8 @@ def meta_train(
             episode = [learner.prepare(d) for d in docs]
             result = learner.outer_loss(episode, learner.prepare(passage), learner.start(carried))
             learner.backward(result, 1.0 / cfg.grad_accum)
-            carried = {n: t.detach() for n, t in result.theta.items()}
+            diverged = not math.isfinite(result.figures()["outer"])
+            carried = None if diverged else {n: t.detach() for n, t in result.theta.items()}
             docs_since_reset += len(episode)
             episodes_done += 1
             figures = result.figures()
@@ -523,6 +531,7 @@ def meta_train(
     bar.close()
     card.update(
         trained_steps=step,
+        skipped_steps=learner.skipped_steps,
         trained_episodes=episodes_done,
         seconds_per_episode=round(train_seconds / max(episodes_done, 1), 3),
         seconds=round(time.monotonic() - started, 1),

@@ -230,6 +230,21 @@ def test_one_meta_step_lowers_the_outer_loss_on_the_episode(tiny_model_dir: Path
     assert all(torch.equal(theta_before[n], learner.theta_init[n]) for n in theta_before)
 
 
+def test_a_non_finite_outer_gradient_is_dropped_not_applied(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir)
+    docs, passage = _episode(learner)
+    before = {n: p.detach().clone() for n, p in learner.weighter.named_parameters()}
+    learner.backward(learner.outer_loss(docs, passage, learner.start()))
+    next(learner.weighter.parameters()).grad.fill_(float("nan"))
+    learner.step()
+    assert learner.skipped_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in learner.weighter.named_parameters())
+    learner.backward(learner.outer_loss(docs, passage, learner.start()))
+    learner.step()  # a finite one still trains
+    assert learner.skipped_steps == 1
+    assert not all(torch.equal(p, before[n]) for n, p in learner.weighter.named_parameters())
+
+
 def test_inner_loop_carries_learning_into_the_lora(tiny_model_dir: Path) -> None:
     learner = _learner(tiny_model_dir)
     docs, passage = _episode(learner)
