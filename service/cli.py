@@ -51,7 +51,7 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "bootstrap",
         help="build the demo model (tokenizer + small Llama pretrained on the knowledge world)",
         description="Builds the world, the tokenizer and the demo model under UPTAKE_HOME "
-        "(default ~/.cache/uptake). The full build takes about 35 to 40 minutes on 2 CPU cores (a minute on a GPU).",
+        "(default ~/.cache/uptake). The full build takes about 17 minutes on 2 otherwise idle CPU cores (a minute on a GPU).",
     )
     p.add_argument(
         "--quick", action="store_true", help="a tiny model in under a minute (for tests)"
