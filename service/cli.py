@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -446,7 +447,7 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
         weighters = {
             name: make_weighter(name, corpus=corpus)
             if name in ("uniform", "salient", "tfidf")
-            else make_weighter("camels", path=name)
+            else make_weighter("camels", path=os.path.expanduser(name))
             for name in _names(args.weighter)
         }
     except (FileNotFoundError, ValueError) as exc:
