@@ -98,6 +98,11 @@ def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float 
     raise TimeoutError("the worker did not apply the benchmark documents in time")
 
 
+def _apply(worker: Worker, store: DocumentStore, texts: list[str]) -> None:
+    """Submit `texts` and turn the worker until all are applied and published."""
+    _drain(worker, store, [store.submit(t, NAMESPACE, source="bench").id for t in texts])
+
+
 def worker_vs_bare(
     settings: Settings, texts: list[str], rounds: int = 3
 ) -> tuple[float, float, Worker]:
@@ -110,7 +115,7 @@ def worker_vs_bare(
     store = DocumentStore(worker.redis, worker.keys)
 
     def through_worker(batch: list[str]) -> None:
-        _drain(worker, store, [store.submit(t, NAMESPACE, source="bench").id for t in batch])
+        _apply(worker, store, batch)
 
     bare.run(texts[:WARMUP_DOCS])
     through_worker(texts[:WARMUP_DOCS])  # the first snapshot waits out its timer: not timed
@@ -152,14 +157,10 @@ def worker_ingest(settings: Settings, texts: list[str]) -> dict[str, float]:
     worker.load()
     store = DocumentStore(worker.redis, worker.keys)
     try:
-        _drain(
-            worker,
-            store,
-            [store.submit(t, NAMESPACE, source="bench").id for t in texts[:WARMUP_DOCS]],
-        )
+        _apply(worker, store, texts[:WARMUP_DOCS])
         started = time.perf_counter()
         measured = texts[WARMUP_DOCS:]
-        _drain(worker, store, [store.submit(t, NAMESPACE, source="bench").id for t in measured])
+        _apply(worker, store, measured)
         seconds = time.perf_counter() - started
         return {**ingest_costs(worker, texts), "seconds_per_document": seconds / len(measured)}
     finally:
