@@ -113,13 +113,23 @@ def build_conflicts(world: World, config: ConflictConfig | None = None) -> list[
     ]
 
 
+def fresh_world(config: WorldConfig | None = None, draw: int = 0) -> World:
+    """The world with its own splits already drawn, so new people are strangers to a model
+    pretrained on it while places and organisations are the ones it knows. `draw` reseeds what
+    follows: each draw gives other people."""
+    world = World(config or WorldConfig())
+    world.splits()
+    world.rng.seed(f"conflicts:{draw}")
+    return world
+
+
 def write_conflicts(
     out_dir: str | os.PathLike[str],
     world_config: WorldConfig | None = None,
     config: ConflictConfig | None = None,
 ) -> Path:
     path = Path(out_dir) / "conflicts.jsonl"
-    write_documents(path, build_conflicts(World(world_config or WorldConfig()), config))
+    write_documents(path, build_conflicts(fresh_world(world_config), config))
     return path
 
 

@@ -21,13 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptation.answering import generate_answers
+from adaptation.best_of_k import BestOfK, best_of_k, correlation, generate_probes
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.metrics import score
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, load_base
+from adaptation.trust import SourceTrust, apply_trusted, tag_text
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import Weighter, encode_weighted, make_weighter
 
-UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal")
+UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal", "seal-best")
 
 
 class Method(Protocol):
@@ -40,6 +42,10 @@ class Method(Protocol):
     def answer(self, questions: Sequence[str]) -> list[str]: ...
 
     def memory_bytes(self) -> int: ...
+
+    def summary(self) -> dict[str, float]:
+        """Method-specific figures for the report (e.g. best-of-k's probe/gold correlation)."""
+        ...
 
 
 @dataclass
@@ -63,6 +69,9 @@ class EvalConfig:
     device: str | None = None
     sweep_steps: tuple[int, ...] = ()
     tuned: dict[str, tuple[float, int]] = field(default_factory=dict)
+    trust: dict[str, float] = field(default_factory=dict)
+    tag_salt: str | None = None
+    best_of_k: int = 3
 
 
 class LoraMethod:
@@ -84,13 +93,24 @@ class LoraMethod:
             UpdateConfig(lr=lr, steps_per_doc=cfg.steps_per_doc, normalisation=cfg.normalisation),  # type: ignore[arg-type]
         )
         self.max_new_tokens = cfg.max_new_tokens
+        self.trust = SourceTrust(cfg.trust)
+        self.tag_salt = cfg.tag_salt
+
+    def training_text(self, text: str, source: str | None) -> str:
+        """Text as trained on: prefixed with its source's tag when the run tags sources (IML)."""
+        return text if self.tag_salt is None else tag_text(text, source, self.tag_salt)
 
     def ingest(self, doc: Document) -> None:
-        self.updater.apply([encode_weighted(doc.text, self.tokenizer, self.weighter)])
+        text = self.training_text(doc.text, doc.source)
+        weighted = encode_weighted(text, self.tokenizer, self.weighter)
+        apply_trusted(self.updater, [weighted], self.trust.update_scale(doc.source))
 
     def memory_bytes(self) -> int:
         """A fixed-size adapter: it does not grow with the stream."""
         return sum(p.numel() * p.element_size() for p in self.updater.params)
+
+    def summary(self) -> dict[str, float]:
+        return {}
 
     def answer(self, questions: Sequence[str]) -> list[str]:
         return generate_answers(
@@ -104,21 +124,96 @@ class SealMethod(LoraMethod):
     Self-edits come with the document (e.g. the Qwen rewrites in shared/data) or, for knowledge-
     world documents, from the template paraphraser standing in for a capable model. Its QA lines
     are left out, since they would reuse the world's own question phrasings.
+
+    With `best_of_k` > 1 (the `seal-best` strategy), each self-edit is a candidate: every one is trained from the same state,
+    scored on probe questions, and the best kept (`adaptation.best_of_k`). Each candidate is also
+    scored on the document's gold questions, so the report can say how well probes stand in.
     """
 
-    def __init__(self, model_dir: str, cfg: EvalConfig, lr: float, seed: int) -> None:
+    def __init__(
+        self, model_dir: str, cfg: EvalConfig, lr: float, seed: int, best_of_k: int = 0
+    ) -> None:
         super().__init__(model_dir, make_weighter("uniform"), cfg, lr, seed)
-        self.name = "seal"
+        self.name = "seal" if best_of_k < 2 else "seal-best"
+        self.best_of_k = best_of_k
+        self.choices: list[BestOfK] = []
+
+    def generations(self, doc: Document, k: int) -> list[str]:
+        """The document's supplied self-edits, or k from the paraphraser for a world article."""
+        from adaptation.paraphrase import paraphrase
+
+        if doc.self_edits:
+            return list(doc.self_edits)
+        return paraphrase(doc, k=k, qa=False) if doc.meta.get("entity") else []
 
     def ingest(self, doc: Document) -> None:
-        from adaptation.paraphrase import paraphrase
         from adaptation.self_edit import apply_with_self_edits, document_sequences
 
-        generations = None if doc.self_edits else []
-        if not doc.self_edits and doc.meta.get("entity"):
-            generations = paraphrase(doc, k=2, qa=False)
-        sequences = document_sequences(doc, generations)
-        apply_with_self_edits(self.updater, self.tokenizer, self.weighter, sequences)
+        trust = self.trust.update_scale(doc.source)
+        gens = self.generations(doc, max(2, self.best_of_k))
+        if self.best_of_k < 2 or len(gens) < 2 or not doc.questions:
+            sequences = self._tagged(document_sequences(doc, gens), doc.source)
+            apply_with_self_edits(
+                self.updater, self.tokenizer, self.weighter, sequences, trust=trust
+            )
+            return
+        candidates = [
+            self._tagged(document_sequences(doc, [g]), doc.source) for g in gens[: self.best_of_k]
+        ]
+        self.choices.append(
+            best_of_k(
+                self.updater,
+                self.tokenizer,
+                self.weighter,
+                candidates,
+                self.probes(doc),
+                gold=doc.questions,
+                scoring="nll",
+                trust=trust,
+                max_new_tokens=self.max_new_tokens,
+            )
+        )
+
+    def _tagged(self, sequences: list[str], source: str | None) -> list[str]:
+        return [self.training_text(s, source) for s in sequences]
+
+    def probes(self, doc: Document) -> list[QA]:
+        """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
+        in other phrasings than the gold questions where the templates allow; otherwise the
+        model's own self-QA."""
+        from adaptation.paraphrase import paraphrase
+        from adaptation.self_edit import parse_qa_pairs
+
+        if doc.meta.get("entity"):
+            gold = {q.question for q in doc.questions}
+            pairs = [p for g in paraphrase(doc, k=1, seed=1, qa=True) for p in parse_qa_pairs(g)]
+            fresh = [p for p in pairs if p.question not in gold]
+            if fresh or pairs:
+                return fresh or pairs
+        return generate_probes(
+            self.model, self.tokenizer, doc.title, doc.text, max_new_tokens=128
+        ) or list(doc.questions[:1])
+
+    def summary(self) -> dict[str, float]:
+        """How well probe scores track gold scores across the candidates, and how often the
+        probes picked the candidate that was best on the gold questions."""
+        if not self.choices:
+            return {}
+        probe = [s.nll for c in self.choices for s in c.probe]
+        gold = [s.nll for c in self.choices if c.gold for s in c.gold]
+        corr = correlation(probe, gold)
+        hits = [
+            c.chosen == min(range(len(c.gold)), key=lambda i: c.gold[i].nll)
+            for c in self.choices
+            if c.gold
+        ]
+        return {
+            "probe_gold_pearson": corr["pearson"],
+            "probe_gold_spearman": corr["spearman"],
+            "chose_gold_best": sum(hits) / len(hits),
+            "chance": statistics.fmean(1 / len(c.probe) for c in self.choices),
+            "candidates": float(len(probe)),
+        }
 
 
 class BaseMethod:
@@ -136,6 +231,9 @@ class BaseMethod:
     def memory_bytes(self) -> int:
         """What the method keeps to answer from, beyond the base model."""
         return 0
+
+    def summary(self) -> dict[str, float]:
+        return {}
 
     def answer(self, questions: Sequence[str]) -> list[str]:
         return generate_answers(
@@ -229,8 +327,8 @@ class MacRagMethod(MacMethod):
 def make_method(
     name: str, model_dir: str, cfg: EvalConfig, lr: float, seed: int, corpus: list[str]
 ) -> Method:
-    if name == "seal":
-        return SealMethod(model_dir, cfg, lr, seed)
+    if name in ("seal", "seal-best"):
+        return SealMethod(model_dir, cfg, lr, seed, cfg.best_of_k if name == "seal-best" else 0)
     if name in UPDATE_STRATEGIES:
         weighter = make_weighter(
             name, corpus=corpus, path=cfg.weighter_path if name == "camels" else None
@@ -271,6 +369,7 @@ class RunResult:
     n_docs: int = 0
     memory_bytes: int = 0
     matrix: list[list[float | None]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
 
     @property
     def uptake_f1(self) -> float:
@@ -341,6 +440,7 @@ def stream_once(
         n_docs=len(docs),
         memory_bytes=method.memory_bytes(),
         matrix=grid,
+        summary=method.summary(),
     )
 
 
@@ -558,6 +658,10 @@ def build_report(
         if rs[0].matrix:
             rows[-1]["matrix"] = rs[0].matrix
             rows[-1]["matrix_summary"] = matrix_summary(rs[0].matrix)
+        if rs[0].summary:
+            rows[-1]["summary"] = {
+                k: _mean_spread([r.summary[k] for r in rs]) for k in rs[0].summary
+            }
     cfg_json = asdict(cfg)
     return {
         "data": str(data),
@@ -618,6 +722,27 @@ def report_markdown(report: dict) -> str:
                 f"{m['backward_transfer']:+.3f} | {m['kept_share']:.2f} |"
             )
         lines += ["", "![retention matrices](retention_matrix.png)"]
+    with_summary = [r for r in report["strategies"] if r.get("summary")]
+    if with_summary:
+        lines += [
+            "",
+            "## Best-of-k self-edits: do probe questions pick what the gold questions would?",
+            "",
+            "Each candidate self-edit is trained from the same state and scored by the mean "
+            "answer NLL of probe questions and of the document's gold questions; the probes "
+            "choose. Correlations pool every candidate of every document.",
+            "",
+            "| strategy | candidates | Pearson (NLL) | Spearman (NLL) | chose the gold-best | "
+            "chance |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in with_summary:
+            m = r["summary"]
+            lines.append(
+                f"| {r['strategy']} | {m['candidates']['mean']:.0f} | "
+                f"{_pm(m['probe_gold_pearson'])} | {_pm(m['probe_gold_spearman'])} | "
+                f"{_pm(m['chose_gold_best'])} | {m['chance']['mean']:.2f} |"
+            )
     if report["sweep"]:
         lines += [
             "",

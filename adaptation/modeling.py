@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,18 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 # from_pretrained builds models under a process-wide meta-device context: two threads loading at
 # once (an API engine and an in-process worker) corrupt each other's weights.
 _LOAD_LOCK = threading.Lock()
+# Reproducible initialisation and sampling seed torch's global generators, which every thread of
+# a process shares: a thread that draws from them while another may be seeding them (a serving
+# engine loading adapters, whose initialisation draws, beside an in-process worker) holds this.
+RNG_LOCK = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block on freshly seeded generators, under RNG_LOCK, and restore them after."""
+    with RNG_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def default_device() -> torch.device:
@@ -79,6 +93,12 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+
+
+def context_window(model: PreTrainedModel) -> int | None:
+    """The most positions the model reads (prompt plus generated tokens); None if unstated."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def present_target_modules(model: torch.nn.Module, wanted: tuple[str, ...]) -> list[str]:

@@ -111,10 +111,15 @@ class OnlineUpdater:
         )
 
     def apply(self, docs: list[WeightedText], scale: float = 1.0) -> list[StepReport]:
-        """Apply `steps_per_doc` steps on one micro-batch of documents (usually one document)."""
-        return [self.step(docs, scale) for _ in range(self.config.steps_per_doc)]
+        """Apply `steps_per_doc` steps on one micro-batch of documents (usually one document).
 
-    def step(self, docs: list[WeightedText], scale: float = 1.0) -> StepReport:
+        Only the first step's loss joins the explosion check's record of typical losses: later
+        steps see text already partly learned, and with many steps per document their low
+        losses would make the next new document look exploded.
+        """
+        return [self.step(docs, scale, record=i == 0) for i in range(self.config.steps_per_doc)]
+
+    def step(self, docs: list[WeightedText], scale: float = 1.0, record: bool = True) -> StepReport:
         was_training = self.model.training
         self.model.train()
         try:
@@ -137,20 +142,28 @@ class OnlineUpdater:
                         p.copy_(b)
                 self.optimizer.load_state_dict(opt_backup)
                 return self._reject(value, "step produced non-finite weights")
-            self._recent.append(value)
+            if record:
+                self._recent.append(value)
             self.steps_applied += 1
             return StepReport(loss=value, applied=True)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
 
+    @property
+    def typical_loss(self) -> float | None:
+        """The median first-step loss of the recent documents: what the explosion check compares
+        a new loss with (None until a few documents have been seen)."""
+        if len(self._recent) < 4:
+            return None
+        return sorted(self._recent)[len(self._recent) // 2]
+
     def _diverged(self, value: float) -> str | None:
         if not math.isfinite(value):
             return f"loss is {value}"
-        if len(self._recent) >= 4:
-            typical = sorted(self._recent)[len(self._recent) // 2]
-            if value > self.config.divergence_factor * max(typical, 1e-3):
-                return f"loss {value:.3g} exploded (typical {typical:.3g})"
+        typical = self.typical_loss
+        if typical is not None and value > self.config.divergence_factor * max(typical, 1e-3):
+            return f"loss {value:.3g} exploded (typical {typical:.3g})"
         return None
 
     def _reject(self, value: float, reason: str) -> StepReport:

@@ -67,6 +67,8 @@ from service.schemas import (
     Operation,
     Problem,
     RollbackIn,
+    SourcesOut,
+    SourceTrustIn,
     StatusOut,
     json_depth,
 )
@@ -162,6 +164,15 @@ Admin = Annotated[Access, _requires("admin")]
 Tracker = Annotated[Access, _requires("read", "write", "admin")]
 NamespacePath = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
 DocIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
+SourcePath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=2048,
+        pattern=r"\S",
+        description="a document `source`, as sent (URL-encoded; it may hold slashes)",
+    ),
+]
 GUARDED = (401, 403, 429)
 
 
@@ -244,13 +255,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "(UPTAKE_MAX_BATCH); send it in parts",
             )
         for i, doc in enumerate(batch):
-            if len(doc.text) > settings.max_doc_chars:
-                where = f"document {i}" if isinstance(body, DocumentBatchIn) else "the document"
-                raise HTTPException(
-                    413,
-                    f"{where} has {len(doc.text):,} characters, over the limit of "
-                    f"{settings.max_doc_chars:,} (UPTAKE_MAX_DOC_CHARS); split it into parts",
-                )
+            where = f"document {i}" if isinstance(body, DocumentBatchIn) else "the document"
+            parts = {where: doc.text}
+            parts.update((f"{where}'s self_edits[{j}]", e) for j, e in enumerate(doc.self_edits))
+            for part, content in parts.items():
+                if len(content) > settings.max_doc_chars:
+                    raise HTTPException(
+                        413,
+                        f"{part} has {len(content):,} characters, over the limit of "
+                        f"{settings.max_doc_chars:,} (UPTAKE_MAX_DOC_CHARS); split it into parts",
+                    )
         accepted = [_submit(s.docs, doc, access) for doc in batch]
         return (
             DocumentsAccepted(documents=accepted)
@@ -276,6 +290,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             attempts=record.attempts,
             source=record.source,
             metadata=record.metadata,
+            self_edits=len(record.self_edits),
+            trust=record.trust,
+            sequences=record.sequences,
+            self_edit_sequences=record.self_edit_sequences,
+            note=record.note,
             created=record.created,
             updated=record.updated,
         )
@@ -298,7 +317,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response_model=NamespaceOut,
         responses=_problems(*GUARDED, 503),
         summary="Create or configure a namespace: mode, strategy, learning rate, steps per "
-        "document, and the update guard's probe questions and epsilon",
+        "document, the update guard's probe questions and epsilon, self-edits (mode seal), the "
+        "default source trust and source tags",
     )
     def configure_namespace(
         request: Request, namespace: NamespacePath, body: NamespaceConfig, access: Admin
@@ -333,6 +353,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_namespace(request: Request, namespace: NamespacePath, access: Admin) -> NamespaceOut:
         access.require(namespace)
         return _namespace(services(request), namespace)
+
+    @app.get(
+        "/v1/namespaces/{namespace}/sources",
+        response_model=SourcesOut,
+        responses=_problems(*GUARDED, 503),
+        summary="The namespace's source trust: the weight of each source that has its own, and "
+        "the default for every other (mode mac ignores trust)",
+    )
+    def get_sources(request: Request, namespace: NamespacePath, access: Admin) -> SourcesOut:
+        access.require(namespace)
+        return _sources(services(request), namespace)
+
+    @app.put(
+        "/v1/namespaces/{namespace}/sources/{source:path}",
+        response_model=SourcesOut,
+        responses=_problems(*GUARDED, 503),
+        summary="Set how strongly a source's documents are learned, from the next document the "
+        "worker learns (documents already learned keep the trust they were learned with)",
+    )
+    def set_source_trust(
+        request: Request,
+        namespace: NamespacePath,
+        source: SourcePath,
+        body: SourceTrustIn,
+        access: Admin,
+    ) -> SourcesOut:
+        access.require(namespace)
+        s = services(request)
+        s.namespaces.set_trust(namespace, source, body.trust)
+        return _sources(s, namespace)
+
+    @app.delete(
+        "/v1/namespaces/{namespace}/sources/{source:path}",
+        response_model=SourcesOut,
+        responses=_problems(*GUARDED, 503),
+        summary="Give a source the namespace's default trust again",
+    )
+    def reset_source_trust(
+        request: Request, namespace: NamespacePath, source: SourcePath, access: Admin
+    ) -> SourcesOut:
+        access.require(namespace)
+        s = services(request)
+        s.namespaces.reset_trust(namespace, source)
+        return _sources(s, namespace)
 
     @app.post(
         "/v1/namespaces/{namespace}/rollback",
@@ -511,7 +575,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             models = schema["components"]["schemas"]
-            models["DocumentIn"]["properties"]["text"]["maxLength"] = settings.max_doc_chars
+            document = models["DocumentIn"]["properties"]
+            document["text"]["maxLength"] = settings.max_doc_chars
+            document["self_edits"]["items"]["maxLength"] = settings.max_doc_chars
             models["DocumentBatchIn"]["properties"]["documents"]["maxItems"] = settings.max_batch
             choices = {"mode": [settings.mode], "strategy": list(available_strategies(settings))}
             for field_name, allowed in choices.items():
@@ -555,7 +621,7 @@ def _unprocessable(loc: tuple[str, ...], msg: str, kind: str) -> RequestValidati
 
 def _submit(docs: DocumentStore, doc: DocumentIn, access: Access) -> DocumentAccepted:
     try:
-        sub = docs.submit(doc.text, doc.namespace, doc.id, doc.source, doc.metadata)
+        sub = docs.submit(doc.text, doc.namespace, doc.id, doc.source, doc.metadata, doc.self_edits)
     except IdConflict as exc:
         where = f" (namespace {exc.namespace!r})" if access.covers(exc.namespace) else ""
         raise HTTPException(
@@ -589,6 +655,11 @@ def _document(s: Services, doc_id: str, access: Access) -> DocumentRecord:
     return record
 
 
+def _sources(s: Services, namespace: str) -> SourcesOut:
+    default = s.namespaces.config(namespace).apply(s.settings).default_trust
+    return SourcesOut.model_validate(s.namespaces.trust(namespace, default).to_dict())
+
+
 def _namespace(s: Services, namespace: str) -> NamespaceOut:
     config = s.namespaces.config(namespace)
     effective = config.apply(s.settings)
@@ -603,6 +674,11 @@ def _namespace(s: Services, namespace: str) -> NamespaceOut:
             steps_per_doc=effective.steps_per_doc,
             guard_epsilon=effective.guard_epsilon,
             probes=probes,
+            self_edit_k=effective.self_edit_k,
+            self_edit_prompt=effective.self_edit_prompt,
+            self_edit_tokens=effective.self_edit_tokens,
+            default_trust=effective.default_trust,
+            source_tags=effective.source_tags,
         ),
         published_version=int(s.redis.get(s.keys.version(namespace)) or 0),
         pending_operations=s.namespaces.pending(namespace),

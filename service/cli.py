@@ -20,16 +20,28 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for the split JSONL files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--people", type=int, default=None, help="pretrain people (default: world's)")
+    p.add_argument(
+        "--conflicts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write conflicts.jsonl: N new people, half of them with one fact stated "
+        "differently by a 'reliable' and an 'unreliable' source (questions expect the reliable "
+        "value), the rest with one uncontested fact from either source",
+    )
     p.set_defaults(handler=_run_world)
 
 
 def _run_world(args: argparse.Namespace) -> int:
+    from adaptation.conflicts import ConflictConfig, write_conflicts
     from adaptation.world import WorldConfig, write_world
 
     cfg = WorldConfig(seed=args.seed)
     if args.people:
         cfg = cfg.replace(pretrain_people=args.people)
     paths = write_world(args.out, cfg)
+    if args.conflicts:
+        paths["conflicts"] = write_conflicts(args.out, cfg, ConflictConfig(people=args.conflicts))
     for name, path in paths.items():
         print(f"{name:<20} {path}")
     return 0
@@ -97,7 +109,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         default="uniform,salient,tfidf,rag",
-        help="comma list of uniform,salient,tfidf,camels,seal,rag,mac,mac+rag",
+        help="comma list of uniform,salient,tfidf,camels,seal,seal-best,rag,mac,mac+rag "
+        "(seal trains on the document plus its self-edits: supplied ones, or the template "
+        "paraphraser's for a world article; seal-best keeps the best of --best-of-k)",
     )
     p.add_argument("--out", required=True)
     p.add_argument(
@@ -142,8 +156,47 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after every document, score every earlier document's questions; draws the heat maps",
     )
+    p.add_argument(
+        "--best-of-k",
+        type=int,
+        default=3,
+        help="seal-best: candidate self-edits per document, each trained from the same state and "
+        "scored on probe questions (default 3)",
+    )
+    p.add_argument(
+        "--trust",
+        type=_trust_weights,
+        default={},
+        metavar="SOURCE=W,...",
+        help="trust weights in [0, 1] per document source, scaling each document's update "
+        "(unlisted sources: 1.0)",
+    )
+    p.add_argument(
+        "--source-tags",
+        action="store_true",
+        help="prefix training text with a tag per source (IML, experimental)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(handler=_run_eval)
+
+
+def _trust_weights(text: str) -> dict[str, float]:
+    from adaptation.trust import SourceTrust
+
+    weights: dict[str, float] = {}
+    for item in _names(text):
+        source, sep, weight = item.rpartition("=")
+        if not sep or not source:
+            raise argparse.ArgumentTypeError(f"expected SOURCE=WEIGHT, got {item!r}")
+        try:
+            weights[source] = float(weight)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number") from err
+    try:
+        SourceTrust(weights)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return weights
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -168,6 +221,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         retention_floor=args.retention_floor,
         device=args.device,
         retention_matrix=args.retention_matrix,
+        best_of_k=args.best_of_k,
+        trust=args.trust,
+        tag_salt="uptake" if args.source_tags else None,
     )
     model = args.model or str(ensure_demo_model())
     report = run_eval(args.data, model, args.out, cfg, retention=args.retention, val_data=args.val)
@@ -647,7 +703,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="measure the service against bare loops (writes bench.json, bench.md, bench.png)",
         description="(a) worker vs a bare update loop, (b) HTTP answering at several "
         "concurrencies vs sequential bare generate, (c) freshness at a sustained ingest rate, "
-        "(d) ingest and storage cost per document. Each pair is measured in the same run.",
+        "(d) ingest and storage cost per document. Each pair is measured in the same run. "
+        "With --mac-scaling, only MAC's memory scaling instead: F1, answer latency and ingest "
+        "cost with memory banks of --sizes entries (writes scaling.json, scaling.md, "
+        "scaling.png).",
     )
     p.add_argument("--model", default=None, help="model directory or hub id (default: the demo)")
     p.add_argument(
@@ -655,7 +714,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="DIR",
         help="trained MAC networks for this model (`uptake meta-train mac`): also measure "
-        "freshness in mode mac",
+        "freshness in mode mac (with --mac-scaling: the networks studied)",
     )
     p.add_argument("--out", default="bench", help="output directory (default: ./bench)")
     p.add_argument("--quick", action="store_true", help="a short run (the CI regression check)")
@@ -666,12 +725,40 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         metavar="RATIO",
         help="exit 1 if worker_vs_bare_ratio is below RATIO",
     )
+    p.add_argument(
+        "--mac-scaling",
+        action="store_true",
+        help="run only the MAC memory-scaling study (needs --mac): for each size, a fresh bank "
+        "of the --targets documents plus filler articles about other new people, with and "
+        "without hierarchical aggregation",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        default=None,
+        help="--mac-scaling: comma list of memory sizes in entries (default 10,100,1000,5000)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="--mac-scaling: the stream whose first --targets documents are scored "
+        "(default: the world's eval_stream.jsonl)",
+    )
+    p.add_argument(
+        "--targets",
+        type=int,
+        default=20,
+        help="--mac-scaling: target documents (default 20)",
+    )
     p.set_defaults(handler=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
+
+    if args.mac_scaling:
+        return _run_mac_scaling(args)
 
     from adaptation.bootstrap import ensure_demo_model
     from service.bench import BenchConfig, run_bench
@@ -695,6 +782,89 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.fail_below is not None and ratio < args.fail_below:
         print(f"FAIL: worker_vs_bare_ratio {ratio:.2f} is below {args.fail_below:g}")
         return 1
+    return 0
+
+
+def _run_mac_scaling(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from adaptation.bootstrap import ensure_demo_model
+    from adaptation.mac.scaling import ScalingConfig, run_scaling_study
+    from adaptation.paths import demo_world_dir
+
+    def fail(why: str) -> int:
+        print(f"uptake bench --mac-scaling: {why}", file=sys.stderr)
+        return 2
+
+    if not args.mac:
+        return fail("needs --mac DIR, trained MAC networks (`uptake meta-train mac`)")
+    if args.quick or args.fail_below is not None:
+        return fail("--quick and --fail-below are for the service measurements")
+    if args.targets < 1:
+        return fail(f"--targets must be at least 1, got {args.targets}")
+    data = Path(args.data) if args.data else demo_world_dir() / "eval_stream.jsonl"
+    if not data.exists():
+        return fail(f"{data} does not exist; give --data, or run `uptake world`")
+    try:
+        cfg = ScalingConfig(**({"sizes": args.sizes} if args.sizes else {}))
+    except ValueError as err:
+        return fail(str(err))
+    model = args.model or str(ensure_demo_model())
+    flags = ["--mac-scaling", "--mac", args.mac, "--model", model, "--data", str(data)]
+    flags += ["--targets", str(args.targets), "--sizes", ",".join(map(str, cfg.sizes))]
+    command = shlex.join(["uptake", "bench", *flags, "--out", args.out])
+    try:
+        run_scaling_study(model, args.mac, data, args.out, cfg, args.targets, command)
+    except (OSError, ValueError) as err:
+        return fail(str(err))
+    print((Path(args.out) / "scaling.md").read_text())
+    return 0
+
+
+def _add_trust(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "trust",
+        help="measure source trust on conflicting facts, and learned trust from source tags",
+        description="Two experiments on fresh knowledge-world people (writes trust.json, "
+        "trust.md and trust.png to --out). 1: a stream where a 'reliable' and an 'unreliable' "
+        "source state some facts differently is learned with equal trust and with trust set; "
+        "the share of contested facts won by the reliable value. 2 (IML): after a stage where "
+        "tagged sources conflict and QA agrees with one, are new facts under that source's tag "
+        "taken up more than under the other's? With an untagged control.",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")
+    p.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
+    p.add_argument("--people", type=int, default=None, help="people per seed, experiment 1 (100)")
+    p.add_argument("--trusted", type=float, default=None, help="reliable source's trust (1.0)")
+    p.add_argument("--distrusted", type=float, default=None, help="unreliable source's (0.2)")
+    p.add_argument("--lr", type=float, default=None, help="(default 1e-3)")
+    p.add_argument("--steps-per-doc", type=int, default=None, help="(default 2)")
+    p.add_argument("--iml-people", type=int, default=None, help="stage-1 people (60)")
+    p.add_argument("--iml-new-people", type=int, default=None, help="stage-2 people (60)")
+    p.add_argument("--iml-epochs", type=int, default=None, help="stage-1 epochs (3)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(handler=_run_trust)
+
+
+def _run_trust(args: argparse.Namespace) -> int:
+    from adaptation.bootstrap import ensure_demo_model
+    from adaptation.trust import check_weight
+    from adaptation.trust_eval import TrustConfig, run_trust, trust_markdown
+
+    fields = ("seeds", "people", "trusted", "distrusted", "lr", "steps_per_doc", "iml_people")
+    fields += ("iml_new_people", "iml_epochs", "device")
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    try:
+        for name in ("trusted", "distrusted"):
+            if name in given:
+                given[name] = check_weight(given[name], f"--{name}")
+    except ValueError as err:
+        print(f"uptake trust: {err}", file=sys.stderr)
+        return 2
+    report = run_trust(args.model or str(ensure_demo_model()), args.out, TrustConfig(**given))
+    print(trust_markdown(report))
     return 0
 
 
@@ -778,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_keys,
         _add_bench,
         _add_forget_check,
+        _add_trust,
     ):
         add(sub)
     return parser

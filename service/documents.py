@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
 
-from adaptation.data import content_id
 from service.keys import GROUP, Keys
 
 Status = Literal["queued", "applied", "failed", "dead", "held", "forgotten", "rolled_back"]
@@ -77,11 +76,18 @@ class DocumentRecord:
     status: Status
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    self_edits: tuple[str, ...] = ()
     adapter_version: int | None = None
     error: str | None = None
     attempts: int = 0
     created: float = 0.0
     updated: float = 0.0
+    # What the worker recorded when it learned the document (None: not learned yet, or not in
+    # this mode); a replay reuses `trust`, so it learns the document as the lineage did.
+    trust: float | None = None
+    sequences: int | None = None
+    self_edit_sequences: int | None = None
+    note: str | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> DocumentRecord:
@@ -92,16 +98,40 @@ class DocumentRecord:
             status=h["status"],  # type: ignore[arg-type]
             source=h.get("source") or None,
             metadata=json.loads(h.get("metadata") or "{}"),
+            self_edits=tuple(json.loads(h.get("self_edits") or "[]")),
             adapter_version=int(h["adapter_version"]) if h.get("adapter_version") else None,
             error=h.get("error") or None,
             attempts=int(h.get("attempts", 0)),
             created=float(h.get("created", 0.0)),
             updated=float(h.get("updated", 0.0)),
+            trust=float(h["trust"]) if h.get("trust") else None,
+            sequences=int(h["sequences"]) if h.get("sequences") else None,
+            self_edit_sequences=(
+                int(h["self_edit_sequences"]) if h.get("self_edit_sequences") else None
+            ),
+            note=h.get("note") or None,
         )
 
 
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def _content(text: str, self_edits: Sequence[str]) -> bytes:
+    """A document's content as bytes: its text alone when it has no self-edits (so those keep the
+    ids and digests they always had), else a 0xFF byte and the JSON of text and self-edits. Text
+    is valid UTF-8, which never holds 0xFF, so the two forms cannot collide."""
+    if not self_edits:
+        return text.encode()
+    return b"\xff" + json.dumps([text, *self_edits], ensure_ascii=False).encode()
+
+
+def digest(text: str, self_edits: Sequence[str] = ()) -> str:
+    """What an id names: resubmitting the same content is idempotent, other content is a 409."""
+    return hashlib.sha256(_content(text, self_edits)).hexdigest()
+
+
+def document_id(text: str, namespace: str, self_edits: Sequence[str] = ()) -> str:
+    """The default id, a hash of namespace and content: `adaptation.data.content_id` for a
+    document without self-edits, and another id for the same text with other self-edits."""
+    content = namespace.encode() + b"\0" + _content(text, self_edits)
+    return hashlib.sha256(content).hexdigest()[:24]
 
 
 class DocumentStore:
@@ -118,17 +148,19 @@ class DocumentStore:
         doc_id: str | None = None,
         source: str | None = None,
         metadata: dict[str, Any] | None = None,
+        self_edits: Sequence[str] = (),
     ) -> Submission:
         """Store and queue a document, unless its id is already known (then report its status)."""
-        doc_id = doc_id or content_id(text, namespace)
+        doc_id = doc_id or document_id(text, namespace, self_edits)
         now = f"{time.time():.6f}"
         fields = {
             "id": doc_id,
             "text": text,
-            "digest": digest(text),
+            "digest": digest(text, self_edits),
             "namespace": namespace,
             "source": source or "",
             "metadata": json.dumps(metadata or {}),
+            "self_edits": json.dumps(list(self_edits)),
             "status": "queued",
             "attempts": "0",
             "created": now,
@@ -207,6 +239,31 @@ class DocumentStore:
             pipe.hdel(key, "error")
         pipe.execute()
 
+    def end_attempt(
+        self,
+        doc_id: str,
+        trust: float | None,
+        sequences: int | None,
+        self_edit_sequences: int | None,
+        note: str | None,
+    ) -> None:
+        """Uncount an attempt that learned the document, and record how it was learned (None:
+        not a notion of its mode). Only failed or cut-off attempts count toward dead-lettering:
+        a worker killed after learning a document, before its snapshot, says nothing about it."""
+        values = {
+            "trust": trust,
+            "sequences": sequences,
+            "self_edit_sequences": self_edit_sequences,
+            "note": note,
+        }
+        present = {name: value for name, value in values.items() if value is not None}
+        key = self.keys.doc(doc_id)
+        pipe = self.redis.pipeline()
+        pipe.hincrby(key, "attempts", -1)
+        if present:
+            pipe.hset(key, mapping=present)
+        pipe.execute()
+
     def mark_failed(self, doc_id: str, error: str, dead: bool = False) -> None:
         self.mark([doc_id], "dead" if dead else "failed", error)
 
@@ -219,14 +276,15 @@ class DocumentStore:
         pipe.execute()
 
     def forget(self, doc_ids: Iterable[str]) -> None:
-        """Mark documents forgotten and drop their text; the digest stays, so the same content
-        sent again is recognised (and reported forgotten) rather than silently learned again."""
+        """Mark documents forgotten and drop their text and self-edits; the digest stays, so the
+        same content sent again is recognised (and reported forgotten) rather than silently
+        learned again."""
         now = f"{time.time():.6f}"
         pipe = self.redis.pipeline()
         for doc_id in doc_ids:
             key = self.keys.doc(doc_id)
             pipe.hset(key, mapping={"status": "forgotten", "updated": now})
-            pipe.hdel(key, "text", "adapter_version", "error")
+            pipe.hdel(key, "text", "self_edits", "adapter_version", "error")
         pipe.execute()
 
 

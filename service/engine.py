@@ -20,7 +20,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers, generate_batched
-from adaptation.modeling import load_base
+from adaptation.modeling import RNG_LOCK, context_window, load_base
 from adaptation.prompts import qa_prompt
 from service.adapters import AdapterStore, published_versions
 from service.batching import AnswerBatcher
@@ -168,10 +168,7 @@ class ServingEngine:
         """Shorten the answer budget so prompt plus answer fit the model's positions."""
         if self._base is None or self._counter is None:
             raise RuntimeError("the model is not loaded yet")
-        config = self._base.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        limit = context_window(self._base)
         if not limit:
             return max_new_tokens
         with self._counter_lock:
@@ -223,7 +220,9 @@ class ServingEngine:
         """Serve `namespace` from the verified snapshot at `path` (None: the bare base), swapped
         in under the lock that generation holds. Modes other than lora override this."""
         name = f"{namespace}-v{version}" if path is not None else ""
-        with self._lock:
+        # Loading initialises the adapter at random first: RNG_LOCK keeps that from drawing
+        # while a worker in this process (in tests) seeds the generator.
+        with self._lock, RNG_LOCK:
             if name and self._peft is None:
                 self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=name)
             elif name:

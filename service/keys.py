@@ -44,6 +44,10 @@ class Keys:
         """JSON of the namespace's own settings (PUT /v1/namespaces/{ns}); absent: the defaults."""
         return f"{self.prefix}:{namespace}:config"
 
+    def sources(self, namespace: str) -> str:
+        """Hash of source name → trust weight in [0, 1]; unlisted sources get `default_trust`."""
+        return f"{self.prefix}:{namespace}:sources"
+
     def operations(self, namespace: str) -> str:
         """Stream of admin operations (configure, rollback, forget) for the namespace's worker."""
         return f"{self.prefix}:{namespace}:operations"

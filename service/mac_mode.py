@@ -21,7 +21,7 @@ from adaptation.mac.system import BANK, MacSystem
 from adaptation.modeling import load_base
 from service.engine import ServingEngine
 from service.settings import Settings
-from service.worker import PROBE_NEW_TOKENS, IngestResult
+from service.worker import PROBE_NEW_TOKENS, IngestDoc, IngestResult
 
 
 class MacModels:
@@ -55,14 +55,19 @@ class MacModels:
 
 
 class MacBackend:
-    """One namespace's bank in the worker: a document is appended, a snapshot saves the bank."""
+    """One namespace's bank in the worker: a document is appended, a snapshot saves the bank.
+
+    Only the text is amortized. Source trust, source tags and self-edits are ignored: there is no
+    update to scale (an entry is in the bank or not; a distrusted source's documents belong in
+    another namespace, or forgotten), and the amortizer was trained on documents alone, so
+    self-edits would be entries it was never meant to read."""
 
     def __init__(self, system: MacSystem) -> None:
         self.system = system
 
-    def ingest(self, text: str, doc_id: str) -> IngestResult:
+    def ingest(self, doc: IngestDoc) -> IngestResult:
         # An id the bank already holds is a no-op that still counts as applied: it is learned.
-        self.system.ingest(doc_id, text)
+        self.system.ingest(doc.id, doc.text)
         return IngestResult(applied=True)
 
     def answer(self, questions: Sequence[str]) -> list[str]:

@@ -1,5 +1,6 @@
-"""Namespaces as the API configures them: their own settings in Redis, and the admin operations
-(configure, rollback, forget) queued for the one worker that owns each namespace.
+"""Namespaces as the API configures them: their own settings and source trust weights in Redis,
+and the admin operations (configure, rollback, forget) queued for the one worker that owns each
+namespace.
 
 The API validates and queues; the owning worker carries an operation out between documents, so
 it never races that namespace's training, and an operation's entry is deleted only once its
@@ -17,6 +18,7 @@ import redis
 
 from adaptation.data import all_questions, read_documents
 from adaptation.paths import demo_weighter_dir
+from adaptation.trust import SourceTrust
 from service.adapters import AdapterStore
 from service.documents import DocumentStore
 from service.keys import Keys
@@ -50,6 +52,20 @@ class NamespaceStore:
         pipe.xadd(self.keys.operations(namespace), {"operation": "configure"})
         request = pipe.execute()[-1]
         return Operation(request=request, namespace=namespace, operation="configure")
+
+    def trust(self, namespace: str, default: float) -> SourceTrust:
+        """The namespace's source trust weights, with `default` (its default_trust) for the rest.
+        A hash rather than one JSON value, so concurrent changes to two sources cannot clash;
+        read live, so a new weight applies to the next document the worker learns."""
+        weights = self.redis.hgetall(self.keys.sources(namespace))
+        return SourceTrust({name: float(w) for name, w in weights.items()}, default)
+
+    def set_trust(self, namespace: str, source: str, trust: float) -> None:
+        self.redis.hset(self.keys.sources(namespace), source, repr(trust))
+
+    def reset_trust(self, namespace: str, source: str) -> None:
+        """Back to the namespace's default (a no-op for a source without a weight)."""
+        self.redis.hdel(self.keys.sources(namespace), source)
 
     def request(
         self,

@@ -15,8 +15,16 @@ from pydantic import (
     field_validator,
 )
 
+from adaptation.trust import check_weight
 from service.documents import Status
-from service.settings import NAMESPACE_PATTERN, Mode, Settings, Strategy
+from service.settings import (
+    MAX_SELF_EDITS,
+    NAMESPACE_PATTERN,
+    Mode,
+    SelfEditPrompt,
+    Settings,
+    Strategy,
+)
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_NEW_TOKENS = 512
@@ -85,16 +93,45 @@ class DocumentIn(BaseModel):
 
     text: str = Field(min_length=1, pattern=r"\S", description="the document's content")
     id: str | None = Field(
-        default=None, pattern=ID_PATTERN, description="defaults to a hash of text and namespace"
+        default=None,
+        pattern=ID_PATTERN,
+        description="defaults to a hash of namespace, text and self_edits",
     )
-    source: str | None = Field(default=None, max_length=2048)
+    source: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="who sent it; the namespace's trust in this source scales how strongly it is "
+        "learned (PUT /v1/namespaces/{ns}/sources/{source})",
+    )
     namespace: Namespace = "default"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kept with the document; a string `title` heads each self-edit sequence",
+    )
+    self_edits: list[Annotated[str, Field(min_length=1, pattern=r"\S")]] = Field(
+        default_factory=list,
+        max_length=MAX_SELF_EDITS,
+        description="training text about the document (implications, rewrites, question and "
+        "answer pairs), learned with it in modes lora and seal (mode mac learns the text only); "
+        "each is split into sequences at blank lines, rules and list items. Part of the "
+        "content: the same text with other self-edits is another document. Each is held to the "
+        "text's size limit",
+    )
 
     @field_validator("text", mode="before")
     @classmethod
     def _text(cls, value: object) -> object:
         return _content(value, "text") if isinstance(value, str) else value
+
+    @field_validator("self_edits", mode="before")
+    @classmethod
+    def _self_edits(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        return [
+            _content(edit, f"self_edits[{i}]") if isinstance(edit, str) else edit
+            for i, edit in enumerate(value)
+        ]
 
     @field_validator("source")
     @classmethod
@@ -139,9 +176,31 @@ class DocumentOut(BaseModel):
     status: DocStatus
     adapter_version: int | None = None
     error: str | None = None
-    attempts: int
+    attempts: int = Field(
+        description="attempts that failed or were cut off by a worker crash; one that learned the "
+        "document is not counted. At UPTAKE_MAX_DELIVERIES the document is dead-lettered."
+    )
     source: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    self_edits: int = Field(default=0, description="how many self-edits came with it")
+    trust: float | None = Field(
+        default=None,
+        description="the source trust its update was scaled by, fixed when it was first learned "
+        "(a forget's replay reuses it); null until then, and in mode mac, which ignores trust",
+    )
+    sequences: int | None = Field(
+        default=None,
+        description="training sequences it was learned from: its text's chunks and its "
+        "self-edit sequences (0 when trust is 0)",
+    )
+    self_edit_sequences: int | None = Field(
+        default=None,
+        description="of those, the self-edit sequences: parsed from the supplied self-edits, or "
+        "written by the model in mode seal",
+    )
+    note: str | None = Field(
+        default=None, description="why a document recorded as applied changed nothing"
+    )
     created: float
     updated: float
 
@@ -203,6 +262,15 @@ def _not_bool(value: object) -> object:
 NOT_BOOL = BeforeValidator(_not_bool)
 
 
+def _trust(value: object) -> float:
+    """The learning core's own check: a number in [0, 1], not true/false and not a string."""
+    return check_weight(value, "trust")
+
+
+# How strongly a source's documents are learned: 0 not at all, 1 fully.
+Trust = Annotated[float, Field(ge=0, le=1), BeforeValidator(_trust)]
+
+
 class NamespaceConfig(BaseModel):
     """A namespace's own settings. A field left out (or null) follows the service's `UPTAKE_*`
     default, so a namespace keeps tracking the deployment until it chooses otherwise."""
@@ -230,6 +298,26 @@ class NamespaceConfig(BaseModel):
         description="questions the update guard asks before each version is published; none: "
         "the service's UPTAKE_GUARD_PROBES, and without those the guard is off",
     )
+    self_edit_k: Annotated[int, Field(ge=1, le=MAX_SELF_EDITS), NOT_BOOL] | None = Field(
+        default=None,
+        description="mode seal: self-edits the model writes for a document sent without any",
+    )
+    self_edit_prompt: SelfEditPrompt | None = Field(
+        default=None, description="mode seal: the prompt the model writes self-edits with"
+    )
+    self_edit_tokens: Annotated[int, Field(ge=1, le=4096), NOT_BOOL] | None = Field(
+        default=None, description="mode seal: most new tokens in one written self-edit"
+    )
+    default_trust: Trust | None = Field(
+        default=None,
+        description="trust of sources without a weight of their own, and of documents without a "
+        "source (the service's default is 1)",
+    )
+    source_tags: bool | None = Field(
+        default=None,
+        description="experimental (IML): prefix every training sequence with a tag derived from "
+        "its document's source, so the model can learn which tags to believe",
+    )
 
     def apply(self, settings: Settings) -> Settings:
         """The service settings with this namespace's choices in place."""
@@ -246,6 +334,11 @@ class EffectiveSettings(BaseModel):
         description="where the guard's probe questions come from: this namespace's own, the "
         "service's UPTAKE_GUARD_PROBES, or none (the guard is off)"
     )
+    self_edit_k: int
+    self_edit_prompt: str
+    self_edit_tokens: int
+    default_trust: float
+    source_tags: bool
 
 
 OperationName = Literal["configure", "rollback", "forget"]
@@ -275,6 +368,20 @@ class RollbackIn(BaseModel):
     version: int = Field(
         ge=0, description="an existing version (0: the bare base model); see GET /v1/adapters"
     )
+
+
+class SourceTrustIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trust: Trust = Field(
+        description="how strongly this source's documents are learned: the update is scaled by "
+        "it (0: recorded but not learned, 1: fully)"
+    )
+
+
+class SourcesOut(BaseModel):
+    default: float = Field(description="the namespace's default_trust, for every other source")
+    sources: dict[str, float] = Field(description="the sources with a trust weight of their own")
 
 
 class ManifestOut(BaseModel):

@@ -7,17 +7,34 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 from adaptation.paths import demo_model_dir, uptake_home
+from adaptation.self_edit import DEFAULT_PROMPT, SELF_EDIT_PROMPTS
 from adaptation.updater import UpdateConfig
 
 Mode = Literal["lora", "mac", "seal"]
 Strategy = Literal["uniform", "salient", "tfidf", "camels"]
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Self-edits a document may carry, and a seal-mode worker may write per document.
+MAX_SELF_EDITS = 16
+
+
+def _named_prompt(name: str) -> str:
+    if name not in SELF_EDIT_PROMPTS:
+        raise ValueError(
+            f"unknown self-edit prompt {name!r}; use one of {', '.join(SELF_EDIT_PROMPTS)}"
+        )
+    return name
+
+
+# One of the learning core's named self-edit prompts; the schema lists them.
+SelfEditPrompt = Annotated[
+    str, AfterValidator(_named_prompt), Field(json_schema_extra={"enum": list(SELF_EDIT_PROMPTS)})
+]
 
 
 class ConfigError(ValueError):
@@ -55,6 +72,27 @@ class Settings(BaseSettings):
     device: str | None = None
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
+    )
+
+    # Self-edits (mode seal writes them when a document brings none) and source trust.
+    self_edit_k: int = Field(
+        default=1, ge=1, le=MAX_SELF_EDITS, description="self-edits seal writes per document"
+    )
+    self_edit_prompt: SelfEditPrompt = Field(
+        default=DEFAULT_PROMPT, description="the prompt seal writes self-edits with"
+    )
+    self_edit_tokens: int = Field(
+        default=128, ge=1, le=4096, description="most new tokens in one written self-edit"
+    )
+    default_trust: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="trust of a source no weight was set for (and of no source)",
+    )
+    source_tags: bool = Field(
+        default=False,
+        description="experimental (IML): prefix every training sequence with its source's tag",
     )
 
     # Update guard: a version whose probe F1 falls by more than this is held back.

@@ -12,13 +12,15 @@ What it guarantees (docs/architecture.md, "Service"):
   version whose F1 falls by more than epsilon is held back with its documents flagged;
 - admin operations queued by the API (configure, rollback, forget) run between documents.
 
-How a document is learned is a backend's business (`KnowledgeBackend`); the `lora` mode ships
-here (each namespace trains its own LoRA adapter on one shared base model), the `mac` mode in
+How a document is learned is a backend's business (`KnowledgeBackend`); the `lora` and `seal`
+modes ship here (each namespace trains its own LoRA adapter on one shared base model; seal also
+has the model write self-edits for documents sent without any), the `mac` mode in
 service/mac_mode.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
@@ -32,15 +34,32 @@ from typing import Any, Protocol
 import redis
 import torch
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers
 from adaptation.metrics import score
-from adaptation.modeling import attach_lora, load_base, lora_config, save_adapter
+from adaptation.modeling import (
+    RNG_LOCK,
+    attach_lora,
+    context_window,
+    load_base,
+    lora_config,
+    save_adapter,
+    seeded,
+)
 from adaptation.paths import demo_weighter_dir
-from adaptation.updater import OnlineUpdater
+from adaptation.self_edit import (
+    apply_with_self_edits,
+    generate_self_edits,
+    parse_self_edits,
+    self_edit_prompt,
+    training_sequences,
+)
+from adaptation.trust import apply_trusted, tag_text
+from adaptation.updater import OnlineUpdater, StepReport
 from adaptation.weighting.base import Weighter, encode_weighted
 from service.adapters import AdapterStore, Manifest, publish_version
-from service.documents import SETTLED, DocumentStore
+from service.documents import SETTLED, DocumentRecord, DocumentStore
 from service.keys import Keys
 from service.metrics import WorkerStats
 from service.namespaces import NamespaceStore, Refused, check_rollback, default_probes
@@ -70,10 +89,29 @@ return 0
 
 
 @dataclass(frozen=True)
+class IngestDoc:
+    """A document as a backend learns it, built by the worker from its Redis record. One value
+    rather than loose arguments, so a mode that needs more of a document gets it without the
+    interface changing."""
+
+    id: str  # names it where a backend keeps state per document (mac), and seeds seal's writing
+    text: str
+    title: str | None = None  # the record's metadata `title`; it heads each self-edit sequence
+    source: str | None = None
+    self_edits: tuple[str, ...] = ()  # as supplied, each still to be split into sequences
+    trust: float = 1.0  # scales the update (0: not learned); fixed when first learned
+
+
+@dataclass(frozen=True)
 class IngestResult:
     applied: bool
     tokens: int = 0
     reason: str | None = None
+    # How the document was learned, recorded on it (None: not a notion of this mode).
+    trust: float | None = None
+    sequences: int | None = None
+    self_edit_sequences: int | None = None
+    note: str | None = None
 
 
 class KnowledgeBackend(Protocol):
@@ -81,8 +119,9 @@ class KnowledgeBackend(Protocol):
     exactly-once and the update guard; a backend only learns, answers the guard's probe
     questions, and writes its state into a snapshot directory."""
 
-    def ingest(self, text: str, doc_id: str) -> IngestResult:
-        """Learn `text`; `doc_id` names it where a backend keeps state per document (mac)."""
+    def ingest(self, doc: IngestDoc) -> IngestResult:
+        """Learn the document; the same document must be learned the same way every time, since
+        a forget replays a lineage and expects the lineage's result."""
         ...
 
     def answer(self, questions: Sequence[str]) -> list[str]: ...
@@ -136,18 +175,19 @@ class LoraModels:
         name = f"ns_{namespace}_{self._opened}"
         lora = self.settings.lora()
         if snapshot is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(LORA_SEED)
+            with seeded(LORA_SEED):
                 if self.model is None:
                     self.model = attach_lora(self.base, lora, adapter_name=name)
                 else:
                     self.model.add_adapter(name, lora_config(self.model, lora))
         elif self.model is None:
-            self.model = PeftModel.from_pretrained(
-                self.base, str(snapshot), adapter_name=name, is_trainable=True
-            )
+            with RNG_LOCK:  # loading initialises at random first (see RNG_LOCK)
+                self.model = PeftModel.from_pretrained(
+                    self.base, str(snapshot), adapter_name=name, is_trainable=True
+                )
         else:
-            self.model.load_adapter(str(snapshot), adapter_name=name, is_trainable=True)
+            with RNG_LOCK:
+                self.model.load_adapter(str(snapshot), adapter_name=name, is_trainable=True)
         return LoraBackend(self, name, snapshot, settings)
 
 
@@ -171,25 +211,110 @@ class LoraBackend:
             )
             self.updater.load_state_dict(state)
 
-    def ingest(self, text: str, doc_id: str = "") -> IngestResult:
-        """`doc_id` is not needed: the adapter learns the text, not who sent it."""
+    def ingest(self, doc: IngestDoc) -> IngestResult:
+        """Steps on each chunk of the text, then on the self-edit sequences in padded
+        micro-batches, every update scaled by the document's trust (0: nothing is learned)."""
+        if doc.trust == 0.0:
+            who = f"source {doc.source!r}" if doc.source else "a document without a source"
+            note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
+            return IngestResult(
+                applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note
+            )
         settings = self.settings
+        tokenizer = self.models.tokenizer
         self.model.set_adapter(self.name)
-        applied, tokens, reasons = False, 0, []
-        for chunk in split_text(text, settings.chunk_chars):
+        edits = [self._tagged(e, doc) for e in self._self_edit_sequences(doc)]
+        reports: list[StepReport] = []
+        tokens = sequences = 0
+        for chunk in split_text(doc.text, settings.chunk_chars):
             weighted = encode_weighted(
-                chunk, self.models.tokenizer, self.weighter, settings.max_doc_tokens
+                self._tagged(chunk, doc), tokenizer, self.weighter, settings.max_doc_tokens
             )
             if weighted.num_tokens < 2:
                 continue
-            reports = self.updater.apply([weighted])
-            if any(r.applied for r in reports):
-                applied = True
-                tokens += weighted.num_tokens
-            reasons += [r.reason for r in reports if not r.applied and r.reason]
-        if not applied and not reasons:
-            return IngestResult(applied=True)  # nothing long enough to learn from: a no-op
-        return IngestResult(applied, tokens, "; ".join(reasons) or None)
+            steps = apply_trusted(self.updater, [weighted], doc.trust)
+            sequences += 1
+            tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
+            reports += steps
+        if edits:
+            steps = apply_with_self_edits(
+                self.updater,
+                tokenizer,
+                self.weighter,
+                edits,
+                trust=doc.trust,
+                max_length=settings.max_doc_tokens,
+            )
+            sequences += len(edits)
+            if any(r.applied for r in steps):
+                lengths = tokenizer(
+                    edits,
+                    add_special_tokens=False,
+                    truncation=True,
+                    max_length=settings.max_doc_tokens,
+                )["input_ids"]
+                tokens += sum(len(ids) for ids in lengths)
+            reports += steps
+        applied = any(r.applied for r in reports)
+        reasons = [r.reason for r in reports if not r.applied and r.reason]
+        return IngestResult(
+            applied or not reasons,  # nothing long enough to learn from is a no-op, not a failure
+            tokens,
+            "; ".join(reasons) or None,
+            trust=doc.trust,
+            sequences=sequences,
+            self_edit_sequences=len(edits),
+        )
+
+    def _tagged(self, text: str, doc: IngestDoc) -> str:
+        """With source tags on (IML), every training sequence opens with its source's tag."""
+        return tag_text(text, doc.source) if self.settings.source_tags else text
+
+    def _self_edit_sequences(self, doc: IngestDoc) -> list[str]:
+        """The document's self-edits as titled training sequences, minus repeats of its text:
+        parsed from those it came with, else (mode seal) from those the model writes now. Long
+        ones are split like the text, so nothing is cut off by the token limit."""
+        if doc.self_edits:
+            edits = [e for raw in doc.self_edits for e in parse_self_edits(raw)]
+        elif self.settings.mode == "seal":
+            edits = [e for written in self._write_self_edits(doc) for e in written]
+        else:
+            return []
+        pieces = [p for e in edits for p in split_text(e, self.settings.chunk_chars)]
+        return training_sequences(doc.title, doc.text, pieces)[1:]  # [0] is the text itself
+
+    def _write_self_edits(self, doc: IngestDoc) -> list[list[str]]:
+        """Mode seal: `self_edit_k` self-edits written by the bare base (no adapter, so what is
+        written does not depend on what the namespace has learned) and sampled with a seed from
+        the document's id, so a forget's replay writes the same ones. The prompt holds as much
+        of the text as fits in the context beside `self_edit_tokens` new tokens."""
+        settings = self.settings
+        limit = context_window(self.models.base)
+        passage = (
+            doc.text
+            if limit is None
+            else fit_passage(
+                self.models.tokenizer,
+                settings.self_edit_prompt,
+                doc.title,
+                doc.text,
+                limit - settings.self_edit_tokens,
+            )
+        )
+        if passage is None:
+            log.warning("worker: no room to write self-edits for %s; learning its text", doc.id)
+            return []
+        seed = int.from_bytes(hashlib.sha256(doc.id.encode()).digest()[:8], "big") >> 1
+        with seeded(seed), self.model.disable_adapter():
+            return generate_self_edits(
+                self.model,
+                self.models.tokenizer,
+                doc.title,
+                passage,
+                k=settings.self_edit_k,
+                prompt=settings.self_edit_prompt,
+                max_new_tokens=settings.self_edit_tokens,
+            )
 
     def answer(self, questions: Sequence[str]) -> list[str]:
         self.model.set_adapter(self.name)
@@ -205,6 +330,25 @@ class LoraBackend:
         self.model.delete_adapter(self.name)
 
 
+def fit_passage(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, title: str | None, text: str, budget: int
+) -> str | None:
+    """The longest head of `text` whose self-edit prompt takes at most `budget` tokens (None:
+    not even one token of it fits)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    keep = len(offsets)
+    while keep > 0:
+        head = text[: offsets[keep - 1][1]]
+        rendered = self_edit_prompt(prompt, title, head)
+        used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        if used <= budget:
+            return head
+        keep -= max(1, used - budget)
+    return None
+
+
 def build_weighter(settings: Settings) -> Weighter:
     from adaptation.weighting import make_weighter
 
@@ -215,15 +359,13 @@ def build_weighter(settings: Settings) -> Weighter:
 
 
 def open_backends(settings: Settings, weighter: Weighter) -> BackendFactory:
-    if settings.mode == "lora":
-        return LoraModels(settings, weighter)
+    """Modes lora and seal train LoRA adapters (seal differs only in writing self-edits), mac
+    keeps memory banks."""
     if settings.mode == "mac":
         from service.mac_mode import MacModels  # it builds on this module
 
         return MacModels.load(settings)
-    raise ValueError(
-        f"mode {settings.mode!r} is not available in this worker yet; use UPTAKE_MODE=lora or mac"
-    )
+    return LoraModels(settings, weighter)
 
 
 @dataclass
@@ -543,12 +685,16 @@ class Worker:
             last = record.error or "the worker stopped while applying it"
             self._dead(entry, f"gave up after {record.attempts} attempts; last: {last}")
             return
+        doc = self._ingest_doc(st, record)
         attempt = self.docs.begin_attempt(doc_id)
         started = time.perf_counter()
-        result = self._ingest(st, doc_id, record.text)
+        result = self._ingest(st, doc)
         if result.applied:
             self.stats.step(st.name, time.perf_counter() - started, result.tokens)
-            st.unsaved[doc_id] = entry.entry_id
+            st.unsaved[doc_id] = entry.entry_id  # first, so a Redis error now cannot repeat it
+            self.docs.end_attempt(
+                doc_id, result.trust, result.sequences, result.self_edit_sequences, result.note
+            )
             if st.unsaved_since is None:
                 st.unsaved_since = time.monotonic()
             if len(st.unsaved) >= self.settings.snapshot_every:
@@ -563,11 +709,35 @@ class Worker:
             self.docs.mark_failed(doc_id, reason)
             st.retries.append((time.monotonic() + self.settings.retry_seconds, entry))
 
-    def _ingest(self, st: NamespaceState, doc_id: str, text: str) -> IngestResult:
+    def _ingest_doc(
+        self, st: NamespaceState, record: DocumentRecord, replay: bool = False
+    ) -> IngestDoc:
+        """The document as its backend learns it. Its trust is the one it was first learned
+        with, if it was (a forget's replay must learn it as the lineage did), else its source's
+        weight in the namespace now; a replayed document without one was learned before trust
+        was recorded, at full weight."""
+        if record.trust is not None:
+            trust = record.trust
+        elif replay:
+            trust = 1.0
+        else:
+            weights = self.ns_store.trust(st.name, st.settings.default_trust)
+            trust = weights.update_scale(record.source)
+        title = record.metadata.get("title")
+        return IngestDoc(
+            id=record.id,
+            text=record.text,
+            title=(title.strip() or None) if isinstance(title, str) else None,
+            source=record.source,
+            self_edits=record.self_edits,
+            trust=trust,
+        )
+
+    def _ingest(self, st: NamespaceState, doc: IngestDoc) -> IngestResult:
         try:
-            return st.backend.ingest(text, doc_id)
+            return st.backend.ingest(doc)
         except Exception as exc:  # a bad document must not take the worker down
-            log.exception("worker: applying %s failed", doc_id)
+            log.exception("worker: applying %s failed", doc.id)
             return IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
 
     def _dead(self, entry: Entry, reason: str) -> None:
@@ -632,6 +802,12 @@ class Worker:
             "base_model": self.settings.model,
             "worker": self.consumer,
         }
+        if st.settings.mode == "seal":
+            info["self_edit_k"] = st.settings.self_edit_k
+            info["self_edit_prompt"] = st.settings.self_edit_prompt
+            info["self_edit_tokens"] = st.settings.self_edit_tokens
+        if st.settings.source_tags:
+            info["source_tags"] = True
         info.update((key, value) for key, value in marks.items() if value is not None)
         return self.store.write(
             st.name,
@@ -740,7 +916,7 @@ class Worker:
                 return False  # the lease lapsed mid-replay: the next owner starts over
             record = self.docs.get(other)
             result = (
-                self._ingest(st, other, record.text)
+                self._ingest(st, self._ingest_doc(st, record, replay=True))
                 if record is not None
                 else IngestResult(applied=False, reason="record missing")
             )

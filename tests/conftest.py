@@ -97,3 +97,13 @@ def tiny_family_dir(
 def tiny_mac_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MAC networks for `tiny_model_dir`, saved as `uptake meta-train mac` saves them."""
     return tiny_mac_system(tiny_model_dir).save(tmp_path_factory.mktemp("tiny-mac"))
+
+
+@pytest.fixture(scope="session")
+def quick_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quick demo model and its world (it knows little; for plumbing, not learning)."""
+    from adaptation.bootstrap import build_demo_model
+
+    home = tmp_path_factory.mktemp("uptake-home")
+    build_demo_model(out_dir=home / "demo-quick", world_dir=home / "world-quick", quick=True)
+    return home

@@ -1,4 +1,5 @@
-"""Helpers for the service tests: a real Redis with a key prefix per test, live servers, polling."""
+"""Helpers for the service tests: a real Redis with a key prefix per test, live servers, polling,
+and a live API with an in-process worker (`open_stack`)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,28 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import redis
+import torch
 import uvicorn
+from safetensors.torch import load_file
 
+from service.adapters import AdapterStore
 from service.api import create_app
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import Worker
+from service.worker import IngestDoc, LoraModels, Worker, build_weighter
 
 REDIS_URL = os.environ.get("UPTAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
+ADAPTER_FILE = "adapter_model.safetensors"
+QUESTION = "Where was Alda Venn born?"
 
 
 def unique_prefix() -> str:
@@ -186,3 +194,105 @@ def worker_thread(settings: Settings) -> Iterator[Worker]:
     finally:
         worker.stop()
         thread.join(timeout=60)
+
+
+@dataclass
+class Stack:
+    """A live API over HTTP and the worker it feeds, turned by hand (`drain`), so a test sees
+    exactly which documents each version holds."""
+
+    http: httpx.Client
+    worker: Worker
+    settings: Settings
+    store: AdapterStore
+    tmp: Path
+
+    def drain(self, done: object, timeout: float = 120) -> None:
+        """Turn the worker until `done()` holds."""
+
+        def step() -> object:
+            self.worker.run_once()
+            return done() if callable(done) else done
+
+        wait_until(step, timeout, interval=0, what="the worker")
+
+    def submit(self, namespace: str, texts: Sequence[str], **fields: object) -> list[str]:
+        """Queue the texts as one batch, each document with `fields` (source, self_edits...)."""
+        body = {"documents": [{"text": t, "namespace": namespace, **fields} for t in texts]}
+        response = self.http.post("/v1/documents", json=body)
+        assert response.status_code == 202, response.text
+        return [d["id"] for d in response.json()["documents"]]
+
+    def status(self, doc_id: str) -> dict[str, object]:
+        response = self.http.get(f"/v1/documents/{doc_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def applied(self, ids: Sequence[str]) -> bool:
+        return all(self.status(i)["status"] == "applied" for i in ids)
+
+    def configure(self, namespace: str, **config: object) -> dict[str, object]:
+        response = self.http.put(f"/v1/namespaces/{namespace}", json=config)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def idle(self, namespace: str) -> bool:
+        """No operation left pending for the namespace."""
+        namespace_out = self.http.get(f"/v1/namespaces/{namespace}").json()
+        return not namespace_out["pending_operations"]
+
+    def ask(self, namespace: str, version: int) -> str:
+        """The answer to QUESTION once this replica serves `version`."""
+
+        def answer() -> str | None:
+            body = {"question": QUESTION, "namespace": namespace, "max_new_tokens": 8}
+            out = self.http.post("/v1/answer", json=body).json()
+            return out["answer"] if out["adapter_version"] == version else None
+
+        return wait_until(answer, 30, what=f"{namespace} served at version {version}") or ""
+
+    def weights(self, namespace: str, version: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.store.path(namespace, version) / ADAPTER_FILE))
+
+    def replay(
+        self, docs: Sequence[str | IngestDoc], lr: float, **overrides: object
+    ) -> dict[str, torch.Tensor]:
+        """The adapter a fresh lineage reaches on `docs` under the stack's settings with `lr` and
+        `overrides` in place, applied directly, without the worker."""
+        settings = self.settings.model_copy(update={"lr": lr, **overrides})
+        backend = LoraModels(settings, build_weighter(settings)).open("replay", None, settings)
+        for i, doc in enumerate(docs):
+            learned = doc if isinstance(doc, IngestDoc) else IngestDoc(f"replay-{i}", doc)
+            assert backend.ingest(learned).applied
+        out = self.tmp / f"replay-{len(list(self.tmp.iterdir()))}"
+        out.mkdir()
+        backend.write_state(out)
+        return load_file(str(out / ADAPTER_FILE))
+
+
+@contextmanager
+def open_stack(tmp: Path, model_dir: Path, **settings: object) -> Iterator[Stack]:
+    """The live API and an in-process worker (turned by `Stack.drain`) on a real Redis, under a
+    key prefix of their own; `settings` as for `make_settings`."""
+    with redis_for_tests(tmp) as url:
+        prefix = unique_prefix()
+        service = make_settings(model_dir, tmp / "store", url, prefix, **settings)
+        worker = Worker(service)
+        worker.load()
+        with live_api(service) as base, httpx.Client(base_url=base, timeout=60) as http:
+            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+            replays = tmp / "replays"
+            replays.mkdir()
+            yield Stack(http, worker, service, AdapterStore(service.adapters_dir()), replays)
+        worker.shutdown()
+        drop_prefix(url, prefix)
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected) and actual
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, msg=name)
+
+
+def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.allclose(a[name], b[name]) for name in a)

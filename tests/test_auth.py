@@ -40,6 +40,9 @@ GUARDED = [
     ("GET", "/v1/namespaces/default", None),
     ("POST", "/v1/namespaces/default/rollback", {"version": 0}),
     ("DELETE", "/v1/documents/some-id", None),
+    ("GET", "/v1/namespaces/default/sources", None),
+    ("PUT", "/v1/namespaces/default/sources/wire", {"trust": 0.5}),
+    ("DELETE", "/v1/namespaces/default/sources/wire", None),
 ]
 
 

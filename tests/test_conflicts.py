@@ -11,6 +11,7 @@ from adaptation.conflicts import (
     answer_outcomes,
     build_conflicts,
     conflict_items,
+    fresh_world,
     trusted_win_rate,
     write_conflicts,
 )
@@ -54,7 +55,7 @@ def test_conflicting_and_plain_facts_from_both_sources(tmp_path: Path) -> None:
     assert len(conflict_items(docs)) == 20
     path = write_conflicts(tmp_path, SMALL, cfg)
     assert path.name == "conflicts.jsonl"
-    assert read_documents(path) == docs
+    assert read_documents(path) == build_conflicts(fresh_world(SMALL), cfg)
 
 
 def test_config_is_validated() -> None:

@@ -8,18 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from adaptation.bootstrap import build_demo_model
-from adaptation.evaluation import EvalConfig, choose_setting, run_eval
+from adaptation.data import read_documents
+from adaptation.evaluation import EvalConfig, LoraMethod, SealMethod, choose_setting, run_eval
+from adaptation.trust import source_tag
+from adaptation.weighting import make_weighter
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
-
-
-@pytest.fixture(scope="session")
-def quick_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("uptake-home")
-    build_demo_model(out_dir=home / "demo-quick", world_dir=home / "world-quick", quick=True)
-    return home
 
 
 def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
@@ -38,7 +34,7 @@ def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
 def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> None:
     world = quick_home / "world-quick"
     cfg = EvalConfig(
-        strategies=("uniform", "salient", "tfidf", "seal", "rag"),
+        strategies=("uniform", "salient", "tfidf", "seal", "seal-best", "rag"),
         limit=4,
         checkpoints=2,
         sweep_lrs=(1e-3, 3e-3),
@@ -58,9 +54,10 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
         "salient",
         "tfidf",
         "seal",
+        "seal-best",
         "rag",
     ]
-    assert set(report["sweep"]) == {"uniform", "salient", "tfidf", "seal"}
+    assert set(report["sweep"]) == {"uniform", "salient", "tfidf", "seal", "seal-best"}
     assert {(r["lr"], r["steps"]) for r in report["sweep"]["uniform"]} == {
         (1e-3, 1),
         (1e-3, 2),
@@ -81,6 +78,34 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
         assert all(v is not None for v in row[i:])
     assert "backward_transfer" in report["strategies"][0]["matrix_summary"]
     assert (tmp_path / "retention_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    best = next(r for r in report["strategies"] if r["strategy"] == "seal-best")["summary"]
+    assert best["candidates"]["mean"] == 3 * 4, "3 paraphrased candidates for each of 4 articles"
+    assert 0 <= best["chose_gold_best"]["mean"] <= 1 and best["chance"]["mean"] == 1 / 3
+    assert "## Best-of-k self-edits" in md
+
+
+def _adapter(method: LoraMethod) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in method.updater.params]
+
+
+def test_eval_methods_scale_by_trust_and_tag_sources(quick_home: Path) -> None:
+    doc = read_documents(quick_home / "world-quick" / "eval_stream.jsonl", 1)[0]
+    assert doc.source == "world"
+    cfg = EvalConfig(trust={"world": 0.0}, tag_salt="s")
+    for method in (
+        LoraMethod(str(quick_home / "demo-quick"), make_weighter("uniform"), cfg, 1e-2, 0),
+        SealMethod(str(quick_home / "demo-quick"), cfg, 1e-2, 0),
+    ):
+        start = _adapter(method)
+        method.ingest(doc)
+        assert all(torch.equal(a, b) for a, b in zip(start, _adapter(method), strict=True)), (
+            "trust 0: the document is not learned"
+        )
+        method.trust.set("world", 1.0)
+        method.ingest(doc)
+        assert not all(torch.equal(a, b) for a, b in zip(start, _adapter(method), strict=True))
+    assert method.training_text("x y", "world") == f"{source_tag('world', 's')} x y"
+    assert method.training_text("x y", None) == "x y"
 
 
 def test_choose_setting_respects_the_retention_floor() -> None:

@@ -24,7 +24,7 @@ from service.keys import Keys
 from service.mac_mode import MacBackend, MacModels, MacServingEngine
 from service.redis_conn import client
 from service.settings import ConfigError, Settings
-from service.worker import open_backends
+from service.worker import IngestDoc, open_backends
 from tests.servicekit import (
     drop_prefix,
     live_api,
@@ -94,8 +94,8 @@ def test_bank_backend_snapshots_reopens_and_drops(
     assert isinstance(models, MacModels)
     backend = models.open(NS, None, settings)
     for i, text in enumerate(DOCS[:3]):
-        assert backend.ingest(text, f"d{i}").applied
-    assert backend.ingest(DOCS[0], "d0").applied  # a repeat is already learned
+        assert backend.ingest(IngestDoc(f"d{i}", text)).applied
+    assert backend.ingest(IngestDoc("d0", DOCS[0])).applied  # a repeat is already learned
     assert backend.system.bank.ids == ["d0", "d1", "d2"]
     backend.write_state(tmp_path / "snap")
 
@@ -116,7 +116,7 @@ def _publish_bank(
     store = AdapterStore(settings.adapters_dir())
     backend = models.open(namespace, None, settings)
     for i, text in enumerate(texts):
-        backend.ingest(text, f"{namespace}-{i}")
+        backend.ingest(IngestDoc(f"{namespace}-{i}", text))
     manifest = store.write(namespace, store.latest(namespace), [], 0, backend.write_state)
     keys = Keys(settings.redis_prefix)
     r.sadd(keys.namespaces, namespace)

@@ -3,129 +3,25 @@ a real Redis and a worker in this process, on a tiny random model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
-import torch
-from safetensors.torch import load_file
 
 from adaptation.answering import generate_answers
 from adaptation.modeling import load_base
-from service.adapters import AdapterStore
 from service.keys import Keys
-from service.settings import Settings
-from service.worker import PROBE_NEW_TOKENS, LoraBackend, LoraModels, Worker, build_weighter
-from tests.servicekit import (
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-)
-
-ADAPTER_FILE = "adapter_model.safetensors"
-QUESTION = "Where was Alda Venn born?"
-
-
-@dataclass
-class Stack:
-    http: httpx.Client
-    worker: Worker
-    settings: Settings
-    store: AdapterStore
-    tmp: Path
-
-    def drain(self, done: object, timeout: float = 120) -> None:
-        """Turn the worker until `done()` holds."""
-
-        def step() -> object:
-            self.worker.run_once()
-            return done() if callable(done) else done
-
-        wait_until(step, timeout, interval=0, what="the worker")
-
-    def submit(self, namespace: str, texts: Sequence[str]) -> list[str]:
-        body = {"documents": [{"text": t, "namespace": namespace} for t in texts]}
-        response = self.http.post("/v1/documents", json=body)
-        assert response.status_code == 202, response.text
-        return [d["id"] for d in response.json()["documents"]]
-
-    def status(self, doc_id: str) -> dict[str, object]:
-        response = self.http.get(f"/v1/documents/{doc_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def applied(self, ids: Sequence[str]) -> bool:
-        return all(self.status(i)["status"] == "applied" for i in ids)
-
-    def configure(self, namespace: str, **config: object) -> dict[str, object]:
-        response = self.http.put(f"/v1/namespaces/{namespace}", json=config)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def idle(self, namespace: str) -> bool:
-        """No operation left pending for the namespace."""
-        namespace_out = self.http.get(f"/v1/namespaces/{namespace}").json()
-        return not namespace_out["pending_operations"]
-
-    def ask(self, namespace: str, version: int) -> str:
-        """The answer to QUESTION once this replica serves `version`."""
-
-        def answer() -> str | None:
-            body = {"question": QUESTION, "namespace": namespace, "max_new_tokens": 8}
-            out = self.http.post("/v1/answer", json=body).json()
-            return out["answer"] if out["adapter_version"] == version else None
-
-        return wait_until(answer, 30, what=f"{namespace} served at version {version}") or ""
-
-    def weights(self, namespace: str, version: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.store.path(namespace, version) / ADAPTER_FILE))
-
-    def replay(self, texts: Sequence[str], lr: float) -> dict[str, torch.Tensor]:
-        """The adapter a fresh lineage reaches on `texts`, applied directly, without the worker."""
-        settings = self.settings.model_copy(update={"lr": lr})
-        backend = LoraModels(settings, build_weighter(settings)).open("replay", None, settings)
-        for text in texts:
-            assert backend.ingest(text).applied
-        out = self.tmp / f"replay-{len(list(self.tmp.iterdir()))}"
-        out.mkdir()
-        backend.write_state(out)
-        return load_file(str(out / ADAPTER_FILE))
+from service.worker import PROBE_NEW_TOKENS, LoraBackend
+from tests.servicekit import QUESTION, Stack, assert_same, differs, open_stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
+    # Snapshots only every two documents, so the versions a test sees are deterministic.
     tmp = tmp_path_factory.mktemp("namespace-ops")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        # Snapshots only every two documents, so the versions a test sees are deterministic.
-        settings = make_settings(
-            tiny_model_dir, tmp / "store", url, prefix, snapshot_every=2, snapshot_seconds=600
-        )
-        worker = Worker(settings)
-        worker.load()
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
-            replays = tmp / "replays"
-            replays.mkdir()
-            yield Stack(http, worker, settings, AdapterStore(settings.adapters_dir()), replays)
-        worker.shutdown()
-        drop_prefix(url, prefix)
-
-
-def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected) and actual
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, msg=name)
-
-
-def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return any(not torch.allclose(a[name], b[name]) for name in a)
+    with open_stack(tmp, tiny_model_dir, snapshot_every=2, snapshot_seconds=600) as opened:
+        yield opened
 
 
 def test_namespace_settings_are_validated_stored_and_used_by_the_worker(stack: Stack) -> None:
@@ -156,6 +52,11 @@ def test_namespace_settings_are_validated_stored_and_used_by_the_worker(stack: S
         "steps_per_doc": 2,
         "guard_epsilon": stack.settings.guard_epsilon,
         "probes": "none",
+        "self_edit_k": 1,
+        "self_edit_prompt": "implications",
+        "self_edit_tokens": 128,
+        "default_trust": 1.0,
+        "source_tags": False,
     }
     assert [op["operation"] for op in out["pending_operations"]] == ["configure"]
 

@@ -66,6 +66,22 @@ def test_exploding_loss_is_rolled_back(tiny_model_dir) -> None:
     assert not report.applied and "exploded" in report.reason
 
 
+def test_the_explosion_check_compares_with_first_step_losses(tiny_model_dir) -> None:
+    """Later steps on a text see it partly learned; with many steps per document their low
+    losses would make the next new document look exploded."""
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    peft = attach_lora(model, LoraSettings(rank=8))
+    upd = OnlineUpdater(peft, UpdateConfig(lr=3e-2, steps_per_doc=3))
+    firsts = []
+    for text in ("Alda Venn was born in Marrow Bay.", "Port Selka is mild.", "42 said so."):
+        reports = upd.apply([_doc(tok, text)])
+        firsts.append(reports[0].loss)
+        assert upd.typical_loss is None, "no yardstick before four documents"
+    reports = upd.apply([_doc(tok)])
+    firsts.append(reports[0].loss)
+    assert upd.typical_loss == sorted(firsts)[2]
+
+
 def test_overlong_prompts_are_cut_to_the_window(tiny_family_dir) -> None:
     """GPT-2's learned positions fail past the window, so without the cut this raises."""
     from adaptation.answering import generate_answers

@@ -137,6 +137,34 @@ def test_failing_document_is_retried_then_dead_lettered(settings: Settings) -> N
     worker.shutdown()
 
 
+def _holds_unsaved(worker: Worker, doc_id: str) -> bool:
+    st = worker.namespaces.get("ns")
+    return st is not None and doc_id in st.unsaved
+
+
+def test_a_worker_killed_before_its_snapshot_does_not_count_against_what_it_learned(
+    settings: Settings,
+) -> None:
+    """Crashes between learning a document and snapshotting it are the worker's failure, not the
+    document's: however many there are, it is not dead-lettered, and it ends up applied once."""
+    settings = settings.model_copy(update={"snapshot_every": 100, "snapshot_seconds": 1e6})
+    docs = _docs(settings)
+    doc_id = docs.submit("Orla Penn founded Tessel Yard in 1911.", "ns").id
+    for crash in range(settings.max_deliveries + 1):
+        worker = Worker(
+            settings.model_copy(update={"worker_id": f"crashed-{crash}"}), weighter=PoisonWeighter()
+        )
+        _drain(worker, lambda w=worker: _holds_unsaved(w, doc_id))
+        assert docs.get(doc_id).attempts == 0  # learned: the attempt is not held against it
+        worker.redis.delete(worker.keys.lease("ns"))  # it dies; its lease lapses
+    last = Worker(settings.model_copy(update={"worker_id": "last"}), weighter=PoisonWeighter())
+    _drain(last, lambda: _holds_unsaved(last, doc_id))
+    last.shutdown()  # snapshots what it learned
+    record = docs.get(doc_id)
+    assert (record.status, record.attempts, record.trust) == ("applied", 0, 1.0)
+    assert last.store.lineage("ns", last.store.latest("ns")) == {doc_id: 1}
+
+
 def test_a_second_worker_waits_for_the_lease(settings: Settings) -> None:
     docs = _docs(settings)
     docs.submit("Some text to learn.", "ns")
