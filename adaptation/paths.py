@@ -18,9 +18,9 @@ def demo_world_dir() -> Path:
     return uptake_home() / "world"
 
 
-def demo_weighter_dir() -> Path:
-    return uptake_home() / "camels"
+def demo_weighter_dir(quick: bool = False) -> Path:
+    return uptake_home() / ("camels-quick" if quick else "camels")
 
 
-def demo_mac_dir() -> Path:
-    return uptake_home() / "mac"
+def demo_mac_dir(quick: bool = False) -> Path:
+    return uptake_home() / ("mac-quick" if quick else "mac")

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
-from adaptation.paths import demo_model_dir, uptake_home
+from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir, uptake_home
 from adaptation.self_edit import DEFAULT_PROMPT, SELF_EDIT_PROMPTS
 from adaptation.updater import UpdateConfig
 
@@ -182,22 +182,53 @@ class Settings(BaseSettings):
         return self.store_dir / "adapters"
 
     def mac_networks(self) -> Path:
-        """The trained MAC directory that mode mac amortizes and answers with."""
-        if self.mac_dir is None:
+        """The trained MAC directory that mode mac amortizes and answers with: UPTAKE_MAC_DIR,
+        else for the demo model the demo networks `uptake bootstrap` builds."""
+        demo = self.model == str(demo_model_dir())
+        if self.mac_dir is None and not demo:
             raise ConfigError(
                 "UPTAKE_MODE=mac needs UPTAKE_MAC_DIR: the directory written by "
                 f"`uptake meta-train mac --base {self.model} --train FILE --val FILE --out DIR`"
             )
-        if not (self.mac_dir / MAC_CONFIG).is_file():
-            raise ConfigError(
-                f"UPTAKE_MAC_DIR={self.mac_dir} holds no trained MAC networks (no {MAC_CONFIG}); "
-                f"train them with `uptake meta-train mac --base {self.model} --train FILE "
-                f"--val FILE --out {self.mac_dir}`, or point UPTAKE_MAC_DIR at such a directory"
+        path = self.mac_dir or demo_mac_dir()
+        if not (path / MAC_CONFIG).is_file():
+            build = (
+                "build the demo ones with `uptake bootstrap` (or let `uptake up` build them)"
+                if self.mac_dir is None
+                else f"train them with `uptake meta-train mac --base {self.model} --train FILE "
+                f"--val FILE --out {path}`, or point UPTAKE_MAC_DIR at such a directory"
             )
-        return self.mac_dir
+            where = f"UPTAKE_MAC_DIR={path}" if self.mac_dir else f"the demo MAC directory {path}"
+            raise ConfigError(f"{where} holds no trained MAC networks (no {MAC_CONFIG}); {build}")
+        return path
+
+    def weighter_path(self) -> Path | None:
+        """The saved weighter the strategy reads: UPTAKE_WEIGHTER, else for camels the demo
+        weighting model `uptake bootstrap` builds (its weights are per character, so any base
+        can use it); None for the strategies that need none."""
+        if self.strategy in ("uniform", "salient"):
+            return None
+        if self.weighter is not None:
+            if not self.weighter.exists():
+                raise ConfigError(f"UPTAKE_WEIGHTER={self.weighter} does not exist")
+            return self.weighter
+        if self.strategy == "tfidf":
+            raise ConfigError(
+                "UPTAKE_STRATEGY=tfidf needs UPTAKE_WEIGHTER: a JSON file saved by "
+                "adaptation.weighting.TfidfWeighter().fit(texts).save(path)"
+            )
+        if not demo_weighter_dir().is_dir():
+            raise ConfigError(
+                f"UPTAKE_STRATEGY=camels found no weighting model: the demo one "
+                f"({demo_weighter_dir()}) is built by `uptake bootstrap` (or by `uptake up` "
+                "with the demo model); or set UPTAKE_WEIGHTER to the --out of "
+                f"`uptake meta-train camels --base {self.model} --train FILE --val FILE --out DIR`"
+            )
+        return demo_weighter_dir()
 
     def check(self) -> None:
-        """Stop a process at start, not at its first document or question, when its mode lacks
-        what it needs."""
+        """Stop a process at start, not at its first document or question, when its mode or
+        strategy lacks what it needs."""
+        self.weighter_path()
         if self.mode == "mac":
             self.mac_networks()

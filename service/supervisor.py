@@ -26,13 +26,20 @@ log = logging.getLogger(__name__)
 WORKER_RESTARTS_PER_MINUTE = 5
 
 
-def ensure_model(settings: Settings) -> None:
-    """Build the demo model (with progress shown) the first time it is needed."""
-    if settings.model == str(demo_model_dir()) and not Path(settings.model).exists():
-        from adaptation.bootstrap import ensure_demo_model
+def ensure_demo_parts(settings: Settings) -> None:
+    """Build, with progress shown, the demo model and the demo parts its strategy or mode needs
+    the first time they are needed (a hub model's parts are the operator's to provide)."""
+    if settings.model != str(demo_model_dir()):
+        return
+    from adaptation import bootstrap
 
+    if not Path(settings.model).exists():
         log.info("the demo model is missing; building it under %s", settings.model)
-        ensure_demo_model()
+        bootstrap.ensure_demo_model()
+    if settings.strategy == "camels" and settings.weighter is None:
+        bootstrap.ensure_demo_weighter()
+    if settings.mode == "mac" and settings.mac_dir is None:
+        bootstrap.ensure_demo_mac()
 
 
 def local_auth(settings: Settings) -> bool:
@@ -79,7 +86,6 @@ def _stop_all(procs: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
 
 
 def run_up(settings: Settings) -> int:
-    ensure_model(settings)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:

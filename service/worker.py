@@ -47,7 +47,6 @@ from adaptation.modeling import (
     save_adapter,
     seeded,
 )
-from adaptation.paths import demo_weighter_dir
 from adaptation.self_edit import (
     apply_with_self_edits,
     generate_self_edits,
@@ -352,10 +351,7 @@ def fit_passage(
 def build_weighter(settings: Settings) -> Weighter:
     from adaptation.weighting import make_weighter
 
-    path = settings.weighter
-    if path is None and settings.strategy == "camels":
-        path = demo_weighter_dir()
-    return make_weighter(settings.strategy, path=path)
+    return make_weighter(settings.strategy, path=settings.weighter_path())
 
 
 def open_backends(settings: Settings, weighter: Weighter) -> BackendFactory:

@@ -3,6 +3,7 @@ startup check, on a tiny base with tiny untrained MAC networks, real Redis and r
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from adaptation.answering import generate_answers
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK
 from adaptation.modeling import load_base
+from adaptation.paths import demo_mac_dir, demo_model_dir
 from adaptation.weighting import make_weighter
 from service.adapters import AdapterStore, publish_version
 from service.cli import main
@@ -82,6 +84,22 @@ def test_mac_mode_without_trained_networks_stops_at_start(
         err = capsys.readouterr().err
         assert f"uptake {command}: UPTAKE_MAC_DIR={tmp_path / 'nothing'}" in err
         assert "uptake meta-train mac" in err
+
+
+def test_the_demo_model_finds_the_demo_mac_networks(
+    tmp_path: Path, tiny_mac_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the demo model and no UPTAKE_MAC_DIR, mode mac uses the networks `uptake bootstrap`
+    builds beside it, and says how to build them while they are missing."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    settings = Settings(model=str(demo_model_dir()), mode="mac")
+    with pytest.raises(ConfigError, match="demo MAC directory .*uptake bootstrap"):
+        settings.check()
+    shutil.copytree(tiny_mac_dir, demo_mac_dir())
+    settings.check()
+    assert settings.mac_networks() == demo_mac_dir()
+    with pytest.raises(ConfigError, match="needs UPTAKE_MAC_DIR"):  # another base: not these
+        settings.model_copy(update={"model": str(tmp_path / "other")}).check()
 
 
 def test_bank_backend_snapshots_reopens_and_drops(

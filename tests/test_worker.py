@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
 from adaptation.modeling import lora_parameters
+from adaptation.paths import demo_weighter_dir
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
+from service.cli import main
 from service.documents import DocumentStore
 from service.keys import Keys
 from service.metrics import WorkerStats
@@ -260,3 +262,34 @@ def test_the_worker_applies_camels_weighted_updates_end_to_end(
         drop_prefix(url, prefix)
     assert moved["silent"] == 0.0
     assert moved["untrained"] > 0.0
+
+
+def test_a_strategy_without_its_weighter_stops_at_start(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """camels falls back to the demo weighting model and tfidf to nothing: without one, the
+    processes exit at start saying what to build or set, before any model loads."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    cases = {
+        ("camels", None): "`uptake bootstrap`",
+        ("tfidf", None): "tfidf needs UPTAKE_WEIGHTER",
+        ("camels", tmp_path / "nothing"): f"UPTAKE_WEIGHTER={tmp_path / 'nothing'} does not exist",
+    }
+    for (strategy, weighter), message in cases.items():
+        monkeypatch.setenv("UPTAKE_STRATEGY", strategy)
+        if weighter is not None:
+            monkeypatch.setenv("UPTAKE_WEIGHTER", str(weighter))
+        for command in ("worker", "serve", "up"):
+            assert main([command, "--model", str(tiny_model_dir)]) == 2
+            assert message in capsys.readouterr().err
+    monkeypatch.delenv("UPTAKE_WEIGHTER")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_model_dir))
+    CamelsWeighter(tokenizer, CamelsSpec(hidden=32, layers=1, heads=2, intermediate=64)).save(
+        demo_weighter_dir()
+    )
+    settings = Settings(model=str(tiny_model_dir), strategy="camels")
+    settings.check()
+    assert settings.weighter_path() == demo_weighter_dir()

@@ -1,0 +1,74 @@
+"""`uptake bootstrap` builds the demo model and the learned parts every strategy and mode needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adaptation import bootstrap
+from adaptation.mac.system import MacSystem
+from adaptation.modeling import load_base
+from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir
+from adaptation.weighting.camels import CamelsWeighter
+from service.cli import main
+from service.settings import Settings
+from service.supervisor import ensure_demo_parts
+
+
+def test_quick_bootstrap_builds_the_model_its_weighting_model_and_its_mac_networks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    assert main(["bootstrap", "--quick"]) == 0
+    out = capsys.readouterr().out
+    weighter_dir, mac_dir = demo_weighter_dir(quick=True), demo_mac_dir(quick=True)
+    assert f"demo CaMeLS weighting model: {weighter_dir}" in out
+    assert f"demo MAC networks: {mac_dir}" in out
+    card = json.loads((tmp_path / "demo-quick" / "uptake_card.json").read_text())
+    assert card["world"] == str((tmp_path / "world-quick").resolve())  # where they trained
+
+    weighter = CamelsWeighter.load(weighter_dir)
+    weights = weighter.char_weights("Orla Penn founded Tessel Yard in 1911.")
+    assert weights.shape == (len("Orla Penn founded Tessel Yard in 1911."),)
+    assert (weights >= 0).all()
+    base, tokenizer = load_base(tmp_path / "demo-quick", device="cpu")
+    mac = MacSystem.load(mac_dir, base, tokenizer)  # networks shaped for this base
+    assert len(mac.bank) == 0  # trained networks, an empty memory
+    assert not list(tmp_path.glob("*.tmp"))  # every part was renamed into place
+
+
+def test_model_only_and_other_bases_skip_the_learned_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    assert main(["bootstrap", "--quick", "--model-only"]) == 0
+    assert main(["bootstrap", "--quick", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "demo-quick" / "config.json").is_file()
+    assert (tmp_path / "elsewhere" / "config.json").is_file()
+    assert not demo_weighter_dir(quick=True).exists() and not demo_mac_dir(quick=True).exists()
+
+
+def test_up_builds_only_the_demo_parts_its_settings_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full builds take minutes, so the builders are replaced by recorders here; the quick
+    test above shows what each builds."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    built: list[str] = []
+    for part in ("model", "weighter", "mac"):
+        monkeypatch.setattr(bootstrap, f"ensure_demo_{part}", lambda part=part: built.append(part))
+    demo, hub = str(demo_model_dir()), str(tmp_path / "hub-model")
+    cases = [
+        (Settings(model=demo), ["model"]),
+        (Settings(model=demo, strategy="camels"), ["model", "weighter"]),
+        (Settings(model=demo, strategy="camels", weighter=tmp_path), ["model"]),
+        (Settings(model=demo, mode="mac"), ["model", "mac"]),
+        (Settings(model=demo, mode="mac", mac_dir=tmp_path), ["model"]),
+        (Settings(model=hub, strategy="camels", mode="mac"), []),  # the operator's to provide
+    ]
+    for settings, expected in cases:
+        built.clear()
+        ensure_demo_parts(settings)
+        assert built == expected, settings
