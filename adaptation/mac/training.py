@@ -86,7 +86,7 @@ QUICK = MacTrainConfig(
 
 @dataclass
 class MacTrainReport:
-    out_dir: str
+    base: str
     steps: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
@@ -267,7 +267,7 @@ def train_mac(
         dropout=cfg.dropout,
     )
     networks = MacNetworks(mac_config)
-    report = MacTrainReport(out_dir=str(out_dir), config=asdict(cfg))
+    report = MacTrainReport(base=str(base_dir), config=asdict(cfg))
     report.embeddings_from_base = networks.init_from_base(base)
     networks.to(base.device).train()
     train_docs = list(train_docs)[: cfg.max_train_docs]
