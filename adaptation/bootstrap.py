@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +24,13 @@ from adaptation.answering import generate_answers
 from adaptation.data import Document, all_questions, read_documents
 from adaptation.metrics import score
 from adaptation.modeling import default_device
-from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir, demo_world_dir
+from adaptation.paths import (
+    built_in_place,
+    demo_mac_dir,
+    demo_model_dir,
+    demo_weighter_dir,
+    demo_world_dir,
+)
 from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.tokenizer import train_bpe_tokenizer
 from adaptation.world import WorldConfig, write_world
@@ -245,7 +249,7 @@ def build_demo_model(
         (tmp / "uptake_card.json").write_text(json.dumps(card, indent=2))
         (tmp / "README.md").write_text(_model_card(card))
 
-    return _built_in_place(out, save)
+    return built_in_place(out, save)
 
 
 def _model_card(card: dict) -> str:
@@ -287,7 +291,7 @@ def build_demo_weighter(model_dir: Path, quick: bool = False) -> Path:
     def train(tmp: Path) -> None:
         meta_train(model_dir, world / "meta_train.jsonl", world / "meta_val.jsonl", tmp, config)
 
-    return _built_in_place(demo_weighter_dir(quick), train)
+    return built_in_place(demo_weighter_dir(quick), train)
 
 
 def build_demo_mac(model_dir: Path, quick: bool = False) -> Path:
@@ -301,7 +305,7 @@ def build_demo_mac(model_dir: Path, quick: bool = False) -> Path:
         train_docs = read_documents(world / "meta_train.jsonl")
         train_mac(model_dir, train_docs, read_documents(world / "meta_val.jsonl"), tmp, config)
 
-    return _built_in_place(demo_mac_dir(quick), train)
+    return built_in_place(demo_mac_dir(quick), train)
 
 
 def ensure_demo_weighter() -> Path:
@@ -320,14 +324,3 @@ def _world_of(model_dir: Path) -> Path:
     """The world a demo model was pretrained on (its card names it): its meta-train and
     meta-validation streams hold entities the model has never seen."""
     return Path(json.loads((Path(model_dir) / "uptake_card.json").read_text())["world"])
-
-
-def _built_in_place(out: Path, build: Callable[[Path], object]) -> Path:
-    """Build into a sibling temporary directory and rename it into place, so an interrupted
-    build never leaves a directory that looks finished."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from adaptation.data import Document, read_documents
 from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
+from adaptation.paths import built_in_place
 from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.updater import Normalisation, weighted_lm_loss
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
@@ -397,11 +397,7 @@ class MetaTrainResult:
 
 
 def _save_atomically(weighter: CamelsWeighter, out: Path, card: dict[str, Any]) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    weighter.save(tmp, card)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    built_in_place(out, lambda tmp: weighter.save(tmp, card))
 
 
 def build_learner(

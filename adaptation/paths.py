@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -24,3 +26,14 @@ def demo_weighter_dir(quick: bool = False) -> Path:
 
 def demo_mac_dir(quick: bool = False) -> Path:
     return uptake_home() / ("mac-quick" if quick else "mac")
+
+
+def built_in_place(out: Path, build: Callable[[Path], object]) -> Path:
+    """Build into a sibling temporary directory and rename it into place, so an interrupted
+    build never leaves a directory that looks finished."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
