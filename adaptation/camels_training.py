@@ -1,8 +1,9 @@
 """Meta-training the CaMeLS weighting model (METHODS.md §1).
 
 An episode is k documents with their questions. The inner loop applies the documents one after
-another to the base's LoRA parameters, one differentiable SGD step each, on the loss weighted by
-the weighting model. The outer loss is the updated model's answer NLL on the episode's questions,
+another to the base's LoRA parameters, one differentiable step each (plain SGD, or the
+updater's clipped Adam with its moments carried along), on the loss weighted by the weighting
+model. The outer loss is the updated model's answer NLL on the episode's questions,
 plus c_kl times the KL between the model before and after the updates on an unrelated passage.
 Its gradient flows back through the updates into the weighting model only: the base and the
 starting LoRA weights are constants.
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from adaptation.updater import Normalisation, weighted_lm_loss
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 
 Params = dict[str, torch.Tensor]
+InnerOptimizer = Literal["sgd", "adam"]
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the OnlineUpdater uses
+ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,17 @@ class MetaTrainConfig:
     the demo model that lowers answer NLL a little at small KL, leaving the weighting model room
     to raise the weight of fact tokens (plain SGD at lr 1 on weight 1 diverges there).
 
+    inner_optimizer "adam" takes the OnlineUpdater's step instead of SGD's: the gradient clipped
+    to max_grad_norm, then Adam with moments carried across documents until the LoRA is reset,
+    as the worker's persistent optimiser carries them across a stream. Its inner_lr is then an
+    Adam learning rate (the updater's, e.g. 2e-3), not an SGD one.
+
     steps counts outer optimiser steps (each `grad_accum` episodes); `minutes`, when set, stops
     training earlier so that the whole run, validation included, fits the budget.
     """
 
     episode_docs: int = 6
+    inner_optimizer: InnerOptimizer = "sgd"
     inner_lr: float = 0.3
     outer_lr: float = 1e-3
     c_kl: float = 0.1
@@ -82,6 +92,8 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.inner_lr <= 0 or self.outer_lr <= 0 or self.c_kl < 0:
             raise ValueError("inner_lr and outer_lr must be positive and c_kl non-negative")
+        if self.inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer is sgd or adam, got {self.inner_optimizer!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> MetaTrainConfig:
@@ -118,12 +130,33 @@ class PreparedDoc:
 
 
 @dataclass(frozen=True)
+class InnerState:
+    """What the inner loop carries from one document to the next: the LoRA weights and, for the
+    Adam inner optimiser, its moments and step count (empty and 0 for SGD, or after a reset)."""
+
+    theta: Params
+    m: Params = field(default_factory=dict)
+    v: Params = field(default_factory=dict)
+    t: int = 0
+
+    def detached(self) -> InnerState:
+        """The same state cut from the graph, with the weights as fresh leaves to differentiate
+        against."""
+        return InnerState(
+            theta={n: x.detach().clone().requires_grad_(True) for n, x in self.theta.items()},
+            m={n: x.detach() for n, x in self.m.items()},
+            v={n: x.detach() for n, x in self.v.items()},
+            t=self.t,
+        )
+
+
+@dataclass(frozen=True)
 class OuterLoss:
     total: torch.Tensor
     qa: torch.Tensor
     kl: torch.Tensor
     mean_weight: float
-    theta: Params
+    state: InnerState
 
     def figures(self) -> dict[str, float]:
         return {
@@ -219,11 +252,11 @@ class MetaLearner:
         self._prepared[doc.id] = prepared
         return prepared
 
-    def start(self, theta: Params | None = None) -> Params:
-        """Fresh leaves to differentiate the inner steps against; their own gradient is never
-        taken (the outer backward is restricted to the weighting model)."""
-        source = self.theta_init if theta is None else theta
-        return {n: t.detach().clone().requires_grad_(True) for n, t in source.items()}
+    def start(self, carried: InnerState | None = None) -> InnerState:
+        """Fresh leaves to differentiate the inner steps against, from the starting LoRA or a
+        carried state; their own gradient is never taken (the outer backward is restricted to
+        the weighting model)."""
+        return (carried or InnerState(self.theta_init)).detached()
 
     def _logits(
         self, theta: Params, ids: torch.Tensor, mask: torch.Tensor | None = None
@@ -241,29 +274,45 @@ class MetaLearner:
     def inner_loop(
         self,
         docs: Sequence[PreparedDoc],
-        theta: Params,
+        state: InnerState,
         weights: Sequence[torch.Tensor],
         create_graph: bool,
-    ) -> Params:
-        """One SGD step per document, in order; differentiable through the steps if asked."""
+    ) -> InnerState:
+        """One step per document, in order; differentiable through the steps if asked."""
         cfg = self.config
         for doc, w in zip(docs, weights, strict=True):
             ids = doc.base_ids.unsqueeze(0)
             loss = weighted_lm_loss(
-                self._logits(theta, ids),
+                self._logits(state.theta, ids),
                 ids,
                 w.unsqueeze(0),
                 None,
                 cfg.normalisation,
                 cfg.fixed_length,
             )
-            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create_graph)
-            theta = {
-                n: t - cfg.inner_lr * g for (n, t), g in zip(theta.items(), grads, strict=True)
-            }
+            grads = torch.autograd.grad(loss, list(state.theta.values()), create_graph=create_graph)
+            state = self._step(state, dict(zip(state.theta, grads, strict=True)))
             if not create_graph:
-                theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
-        return theta
+                state = state.detached()
+        return state
+
+    def _step(self, state: InnerState, grads: Params) -> InnerState:
+        lr = self.config.inner_lr
+        if self.config.inner_optimizer == "sgd":
+            return InnerState({n: x - lr * grads[n] for n, x in state.theta.items()})
+        norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
+        clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)
+        (b1, b2), t = ADAM_BETAS, state.t + 1
+        theta, m, v = {}, {}, {}
+        for n, x in state.theta.items():
+            g = grads[n] * clip
+            m[n] = b1 * state.m.get(n, torch.zeros_like(g)) + (1 - b1) * g
+            v[n] = b2 * state.v.get(n, torch.zeros_like(g)) + (1 - b2) * g * g
+            # The floor keeps sqrt's derivative finite where v is 0 (a fresh LoRA's A matrices get
+            # zero gradient) and is far below eps, so the step is AdamW's.
+            denom = torch.sqrt((v[n] / (1 - b2**t)).clamp_min(1e-30)) + ADAM_EPS
+            theta[n] = x - lr * (m[n] / (1 - b1**t)) / denom
+        return InnerState(theta, m, v, t)
 
     def answer_nll(self, theta: Params, docs: Sequence[PreparedDoc]) -> torch.Tensor:
         """Mean NLL of the answer tokens (question tokens masked) over the episode's questions."""
@@ -290,23 +339,23 @@ class MetaLearner:
         self,
         docs: Sequence[PreparedDoc],
         passage: PreparedDoc,
-        theta0: Params,
+        start: InnerState,
         create_graph: bool = True,
         weights: Sequence[torch.Tensor] | None = None,
     ) -> OuterLoss:
-        """Apply the episode from theta0, then score it. `weights` overrides the weighting model
+        """Apply the episode from `start`, then score it. `weights` overrides the weighting model
         (e.g. uniform weights, for a baseline)."""
         if weights is None:
             with torch.set_grad_enabled(create_graph):
                 weights = self.doc_weights(docs)
-        theta = self.inner_loop(docs, theta0, weights, create_graph)
+        state = self.inner_loop(docs, start, weights, create_graph)
         with torch.set_grad_enabled(create_graph):
-            qa = self.answer_nll(theta, docs)
-            kl = self.locality_kl(theta0, theta, passage)
+            qa = self.answer_nll(state.theta, docs)
+            kl = self.locality_kl(start.theta, state.theta, passage)
             total = qa + self.config.c_kl * kl
         n = sum(int(w.numel()) for w in weights)
         mean_weight = float(sum(float(w.detach().sum()) for w in weights) / max(n, 1))
-        return OuterLoss(total=total, qa=qa, kl=kl, mean_weight=mean_weight, theta=theta)
+        return OuterLoss(total=total, qa=qa, kl=kl, mean_weight=mean_weight, state=state)
 
     def backward(self, out: OuterLoss, scale: float = 1.0) -> None:
         """Accumulate the outer gradient into the weighting model, and nowhere else."""
@@ -463,6 +512,7 @@ def meta_train(
         "train": str(train_path),
         "val": str(val_path),
         "normalisation": cfg.normalisation,
+        "inner_optimizer": cfg.inner_optimizer,
         "config": {k: v for k, v in asdict(cfg).items() if k != "spec"},
     }
 
@@ -483,7 +533,7 @@ def meta_train(
     save_best()
     deadline = started + cfg.minutes * 60 if cfg.minutes else math.inf
     train_stream = sample_episodes(train_docs, cfg.episode_docs, rng)
-    carried: Params | None = None
+    carried: InnerState | None = None
     docs_since_reset = 0
     episodes_done = 0
     train_seconds = 0.0
@@ -500,7 +550,7 @@ def meta_train(
             result = learner.outer_loss(episode, learner.prepare(passage), learner.start(carried))
             learner.backward(result, 1.0 / cfg.grad_accum)
             diverged = not math.isfinite(result.figures()["outer"])
-            carried = None if diverged else {n: t.detach() for n, t in result.theta.items()}
+            carried = None if diverged else result.state.detached()
             docs_since_reset += len(episode)
             episodes_done += 1
             figures = result.figures()

@@ -272,7 +272,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "camels",
         help="meta-train a CaMeLS weighting model for a base",
         description="Bi-level training: each episode applies --episode-docs documents to the "
-        "base's LoRA, one differentiable SGD step each on the weighted loss, then scores answer "
+        "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, then scores answer "
         "NLL on their questions plus --c-kl x KL on an unrelated passage. The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
@@ -280,7 +280,14 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
     _meta_train_data_flags(
         p, "directory for the weighting model", "a tiny smoke run (seconds, for tests)"
     )
-    p.add_argument("--inner-lr", type=float, default=None, help="inner SGD lr")
+    p.add_argument(
+        "--inner-optimizer",
+        default=None,
+        choices=["sgd", "adam"],
+        help="inner step: plain SGD (default), or the worker's clipped Adam with its moments "
+        "carried across documents",
+    )
+    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate")
     p.add_argument("--outer-lr", type=float, default=None, help="outer Adam lr")
     p.add_argument("--episode-docs", type=int, default=None, help="documents per episode")
     p.add_argument("--reset-every", type=int, default=None, help="documents between LoRA resets")
@@ -315,6 +322,7 @@ def _meta_train_camels_config(args: argparse.Namespace) -> MetaTrainConfig:
     from adaptation.camels_training import MetaTrainConfig
 
     options = {
+        "inner_optimizer": args.inner_optimizer,
         "inner_lr": args.inner_lr,
         "outer_lr": args.outer_lr,
         "episode_docs": args.episode_docs,

@@ -181,11 +181,16 @@ class Settings(BaseSettings):
     def adapters_dir(self) -> Path:
         return self.store_dir / "adapters"
 
+    @property
+    def uses_demo_model(self) -> bool:
+        """Whether the base is the demo model, whose companions `uptake bootstrap` builds (a hub
+        model's are the operator's to provide)."""
+        return self.model == str(demo_model_dir())
+
     def mac_networks(self) -> Path:
         """The trained MAC directory that mode mac amortizes and answers with: UPTAKE_MAC_DIR,
         else for the demo model the demo networks `uptake bootstrap` builds."""
-        demo = self.model == str(demo_model_dir())
-        if self.mac_dir is None and not demo:
+        if self.mac_dir is None and not self.uses_demo_model:
             raise ConfigError(
                 "UPTAKE_MODE=mac needs UPTAKE_MAC_DIR: the directory written by "
                 f"`uptake meta-train mac --base {self.model} --train FILE --val FILE --out DIR`"

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-from adaptation.paths import demo_model_dir
 from service.redis_conn import EmbeddedRedis
 from service.settings import Settings
 
@@ -29,7 +28,7 @@ WORKER_RESTARTS_PER_MINUTE = 5
 def ensure_demo_parts(settings: Settings) -> None:
     """Build, with progress shown, the demo model and the demo parts its strategy or mode needs
     the first time they are needed (a hub model's parts are the operator's to provide)."""
-    if settings.model != str(demo_model_dir()):
+    if not settings.uses_demo_model:
         return
     from adaptation import bootstrap
 

@@ -22,8 +22,11 @@ from adaptation.camels_training import (
     sample_episodes,
 )
 from adaptation.data import QA, Document, write_documents
+from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
 from adaptation.tokenizer import train_bpe_tokenizer
+from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import encode_weighted, make_weighter, project_to_tokens
+from adaptation.weighting.base import WeightedText
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 from service.cli import main
 from tests.conftest import tiny_tokenizer
@@ -196,14 +199,14 @@ def test_episodes_hold_distinct_entities_and_an_outside_passage() -> None:
 def test_gradients_reach_the_weighting_model_and_not_the_base(tiny_model_dir: Path) -> None:
     learner = _learner(tiny_model_dir)
     docs, passage = _episode(learner)
-    theta0 = learner.start()
-    out = learner.outer_loss(docs, passage, theta0)
+    start = learner.start()
+    out = learner.outer_loss(docs, passage, start)
     learner.backward(out)
 
     base_params = list(learner.model.named_parameters())
     assert any("lora_" in n for n, _ in base_params)
     assert all(p.grad is None for _, p in base_params), "the base and its LoRA get no gradient"
-    assert all(t.grad is None for t in theta0.values()), "the starting LoRA weights get none"
+    assert all(t.grad is None for t in start.theta.values()), "the starting LoRA weights get none"
     last = learner.weighter.head[-1]
     assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
 
@@ -226,7 +229,7 @@ def test_one_meta_step_lowers_the_outer_loss_on_the_episode(tiny_model_dir: Path
     after = learner.outer_loss(docs, passage, learner.start())
     assert after.mean_weight != pytest.approx(before.mean_weight)
     assert after.figures()["outer"] < before.figures()["outer"] - 1e-3
-    theta_before = learner.start()
+    theta_before = learner.start().theta
     assert all(torch.equal(theta_before[n], learner.theta_init[n]) for n in theta_before)
 
 
@@ -243,6 +246,46 @@ def test_a_non_finite_outer_gradient_is_dropped_not_applied(tiny_model_dir: Path
     learner.step()  # a finite one still trains
     assert learner.skipped_steps == 1
     assert not all(torch.equal(p, before[n]) for n, p in learner.weighter.named_parameters())
+
+
+def test_the_adam_inner_step_is_the_online_updaters_step(tiny_model_dir: Path) -> None:
+    """Meta-training with inner_optimizer="adam" must see the very update the worker applies:
+    clipped gradient, AdamW, moments carried from one document to the next."""
+    learner = _learner(tiny_model_dir, inner_optimizer="adam", inner_lr=1e-2)
+    docs, _ = _episode(learner)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.rand(d.base_ids.shape, generator=gen) + 0.5 for d in docs]
+    state = learner.inner_loop(docs, learner.start(), weights, create_graph=False)
+    assert state.t == len(docs)
+
+    model, _ = load_base(tiny_model_dir, device="cpu", dtype=torch.float32)
+    twin = attach_lora(model, LoraSettings(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, p in lora_parameters(twin).items():
+            p.copy_(learner.theta_init[name])
+    updater = OnlineUpdater(twin, UpdateConfig(lr=1e-2, normalisation=learner.config.normalisation))
+    for doc, w in zip(docs, weights, strict=True):
+        assert updater.step([WeightedText(doc.base_ids, w)]).applied
+    moved = 0
+    for name, p in lora_parameters(twin).items():
+        torch.testing.assert_close(state.theta[name], p.detach(), rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(p.detach(), learner.theta_init[name]))
+    assert moved > 0
+
+
+def test_meta_gradients_flow_through_a_carried_adam_state(tiny_model_dir: Path) -> None:
+    learner = _learner(tiny_model_dir, inner_optimizer="adam", inner_lr=1e-2)
+    docs, passage = _episode(learner)
+    carried = learner.outer_loss(docs, passage, learner.start(), create_graph=False).state
+    assert carried.t == len(docs) and carried.m and carried.v
+    before = learner.outer_loss(docs, passage, learner.start(carried))
+    learner.backward(before)
+    last = learner.weighter.head[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    assert all(t.grad is None for t in carried.theta.values())
+    learner.step()
+    after = learner.outer_loss(docs, passage, learner.start(carried))
+    assert after.figures()["outer"] < before.figures()["outer"]
 
 
 def test_inner_loop_carries_learning_into_the_lora(tiny_model_dir: Path) -> None:
