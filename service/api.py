@@ -34,7 +34,7 @@ from service.auth import Access, Authority, Scope, bearer
 from service.documents import SETTLED, DocumentRecord, DocumentStore, IdConflict
 from service.engine import PromptTooLong, ServingEngine, open_engine
 from service.keys import Keys
-from service.metrics import ApiMetrics
+from service.metrics import ApiMetrics, worker_problem
 from service.namespaces import NamespaceStore, Refused, available_strategies, check_rollback
 from service.queue import Queue
 from service.redis_conn import connect
@@ -70,6 +70,7 @@ from service.schemas import (
     SourcesOut,
     SourceTrustIn,
     StatusOut,
+    WorkerProblem,
     json_depth,
 )
 from service.settings import NAMESPACE_PATTERN, Settings
@@ -472,6 +473,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         published = int(s.redis.get(s.keys.version(namespace)) or 0)
         latest = s.store.latest(namespace)
         applied = s.store.manifest(namespace, latest).lineage_size if latest else 0
+        problem = worker_problem(s.redis, s.keys, namespace)
         return StatusOut(
             namespace=namespace,
             queue_length=depth.length,
@@ -482,6 +484,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             documents_applied=applied,
             state_bytes=s.store.nbytes(namespace, latest),
             quarantined=s.store.quarantined(namespace),
+            worker_problem=WorkerProblem(reason=problem[0], since=problem[1]) if problem else None,
             model=settings.model,
             mode=settings.mode,
             strategy=settings.strategy,

@@ -56,6 +56,11 @@ class Keys:
         """Hash of counters the worker keeps, so any API replica can serve them as metrics."""
         return f"{self.prefix}:{namespace}:stats"
 
+    def problem(self, namespace: str) -> str:
+        """Hash {reason, since} while the worker cannot make progress on the namespace (a snapshot
+        it cannot write); it expires unless renewed, so a gone worker's report fades."""
+        return f"{self.prefix}:{namespace}:problem"
+
     @property
     def api_keys(self) -> str:
         """Hash of API keys, id → JSON record holding the token's sha256 (never the token)."""

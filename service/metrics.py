@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Iterator
 
 import redis
@@ -54,6 +55,26 @@ class WorkerStats:
         pipe.hincrby(key, "tokens", tokens)
         pipe.execute()
 
+    def problem(self, namespace: str, exc: OSError, seconds_valid: float) -> None:
+        """Report that the namespace is stuck on `exc`. Only the error's kind is kept, never its
+        file name: a path could tell a tenant about the store's layout."""
+        reason = f"{exc.strerror} (errno {exc.errno})" if exc.strerror else type(exc).__name__
+        key = self.keys.problem(namespace)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, "reason", f"cannot write a snapshot: {reason}")
+        pipe.hsetnx(key, "since", time.time())
+        pipe.pexpire(key, int(seconds_valid * 1000))
+        pipe.execute()
+
+    def solved(self, namespace: str) -> None:
+        self.redis.delete(self.keys.problem(namespace))
+
+
+def worker_problem(client: redis.Redis, keys: Keys, namespace: str) -> tuple[str, float] | None:
+    """(reason, since) while the worker reports the namespace stuck, else None."""
+    found = client.hgetall(keys.problem(namespace))
+    return (found["reason"], float(found["since"])) if found else None
+
 
 class RedisStatsCollector(Collector):
     """Renders the Redis-held counters, queue depths and published versions at scrape time."""
@@ -69,12 +90,14 @@ class RedisStatsCollector(Collector):
             for ns in versions:
                 pipe.hgetall(self.keys.stats(ns))
                 pipe.xlen(self.keys.stream(ns))
+                pipe.exists(self.keys.problem(ns))
             replies = pipe.execute()
         except redis.RedisError as exc:
             log.warning("metrics: Redis unreachable (%s); serving process metrics only", exc)
             return
-        stats = dict(zip(versions, replies[0::2], strict=True))
-        lags = dict(zip(versions, replies[1::2], strict=True))
+        stats = dict(zip(versions, replies[0::3], strict=True))
+        lags = dict(zip(versions, replies[1::3], strict=True))
+        problems = dict(zip(versions, replies[2::3], strict=True))
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(
                 f"uptake_documents_{name}", help_text, labels=["namespace"]
@@ -100,6 +123,11 @@ class RedisStatsCollector(Collector):
             "Damaged snapshots the worker's startup check moved into .quarantine",
             labels=["namespace"],
         )
+        stuck = GaugeMetricFamily(
+            "uptake_worker_problem",
+            "1 while the worker reports it cannot make progress (GET /v1/status says why)",
+            labels=["namespace"],
+        )
         steps = HistogramMetricFamily(
             "uptake_update_step_seconds", "Time to apply one document", labels=["namespace"]
         )
@@ -108,12 +136,13 @@ class RedisStatsCollector(Collector):
             quarantined.add_metric([ns], float(h.get("quarantined", 0)))
             lag.add_metric([ns], float(lags[ns]))
             published.add_metric([ns], float(versions[ns]))
+            stuck.add_metric([ns], float(problems[ns]))
             cumulative, buckets = 0, []
             for i, bound in enumerate(STEP_BUCKETS):
                 cumulative += int(h.get(f"step_bucket:{i}", 0))
                 buckets.append(("+Inf" if bound == INF else str(bound), cumulative))
             steps.add_metric([ns], buckets, sum_value=float(h.get("step_sum", 0.0)))
-        yield from (tokens, quarantined, lag, published, steps)
+        yield from (tokens, quarantined, lag, published, stuck, steps)
 
 
 class ApiMetrics:

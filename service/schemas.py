@@ -401,6 +401,11 @@ class AdaptersOut(BaseModel):
     versions: list[ManifestOut]
 
 
+class WorkerProblem(BaseModel):
+    reason: str
+    since: float = Field(description="Unix time of the first failure in this run of failures")
+
+
 class StatusOut(BaseModel):
     namespace: str
     queue_length: int = Field(description="documents not yet acknowledged (waiting + in flight)")
@@ -417,6 +422,12 @@ class StatusOut(BaseModel):
         default_factory=list,
         description="damaged snapshots the worker moved aside (.quarantine/vNNNNNN-reason); "
         "their documents were queued again",
+    )
+    worker_problem: WorkerProblem | None = Field(
+        default=None,
+        description="why the worker cannot currently make progress on this namespace (such as a "
+        "snapshot it cannot write: disk full, permissions); its documents stay queued and are "
+        "retried every second. null when all is well",
     )
     model: str
     mode: str

@@ -805,14 +805,22 @@ class Worker:
         if st.settings.source_tags:
             info["source_tags"] = True
         info.update((key, value) for key, value in marks.items() if value is not None)
-        return self.store.write(
-            st.name,
-            parent=parent,
-            doc_ids=doc_ids,
-            lineage_size=lineage_size,
-            write_state=st.backend.write_state,
-            info=info,
-        )
+        try:
+            manifest = self.store.write(
+                st.name,
+                parent=parent,
+                doc_ids=doc_ids,
+                lineage_size=lineage_size,
+                write_state=st.backend.write_state,
+                info=info,
+            )
+        except OSError as exc:
+            # Retried every second (run_forever) with the documents left queued; the report lets
+            # /v1/status and /metrics say why nothing is being applied.
+            self.stats.problem(st.name, exc, seconds_valid=self.settings.lease_seconds)
+            raise
+        self.stats.solved(st.name)
+        return manifest
 
     # The update guard.
 

@@ -24,7 +24,14 @@ from service.queue import Queue
 from service.redis_conn import client
 from service.settings import Settings
 from service.worker import LoraBackend, Worker, split_text
-from tests.servicekit import drop_prefix, make_settings, redis_for_tests, unique_prefix, wait_until
+from tests.servicekit import (
+    drop_prefix,
+    make_settings,
+    open_stack,
+    redis_for_tests,
+    unique_prefix,
+    wait_until,
+)
 
 
 class PoisonWeighter:
@@ -293,3 +300,42 @@ def test_a_strategy_without_its_weighter_stops_at_start(
     settings = Settings(model=str(tiny_model_dir), strategy="camels")
     settings.check()
     assert settings.weighter_path() == demo_weighter_dir()
+
+
+def test_a_snapshot_the_store_cannot_write_is_reported_and_retried(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A store that refuses writes (here a file where the namespace's directory belongs) keeps
+    the document queued, and /v1/status and /metrics say why, without naming any path."""
+    with open_stack(tmp_path, tiny_model_dir, snapshot_every=1, snapshot_seconds=0.2) as stack:
+        blocker = stack.settings.adapters_dir() / "stuck"
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("in the way")
+        [doc] = stack.submit("stuck", ["Alda Venn works for Quillon Works."])
+
+        def fails() -> bool:
+            try:
+                stack.worker.run_once()
+            except FileExistsError:
+                return True
+            return False
+
+        wait_until(fails, 60, interval=0, what="the snapshot to fail")
+        status = stack.http.get("/v1/status", params={"namespace": "stuck"}).json()
+        problem = status["worker_problem"]
+        assert problem["reason"] == "cannot write a snapshot: File exists (errno 17)"
+        assert str(tmp_path) not in str(status)
+        assert stack.status(doc)["status"] == "queued" and status["published_version"] == 0
+        assert 'uptake_worker_problem{namespace="stuck"} 1.0' in stack.http.get("/metrics").text
+        with pytest.raises(FileExistsError):
+            stack.worker.run_once()  # retried, still failing: the first failure's time stays
+        again = stack.http.get("/v1/status", params={"namespace": "stuck"}).json()
+        assert again["worker_problem"]["since"] == problem["since"]
+
+        blocker.unlink()
+        stack.drain(lambda: stack.applied([doc]))
+        assert (
+            stack.http.get("/v1/status", params={"namespace": "stuck"}).json()["worker_problem"]
+            is None
+        )
+        assert 'uptake_worker_problem{namespace="stuck"} 0.0' in stack.http.get("/metrics").text
