@@ -30,12 +30,14 @@ from adaptation.data import Document, read_documents
 from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
 from adaptation.paths import built_in_place
 from adaptation.prompts import answer_batch, qa_tokens
-from adaptation.updater import Normalisation, weighted_lm_loss
+from adaptation.updater import Normalisation, UpdateConfig, weighted_lm_loss
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 
 Params = dict[str, torch.Tensor]
 InnerOptimizer = Literal["sgd", "adam"]
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the OnlineUpdater uses
+# The OnlineUpdater's step: its gradient clip, then torch.optim.AdamW at its default betas and eps.
+WORKER_CLIP = UpdateConfig().max_grad_norm
+ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
@@ -49,7 +51,7 @@ class MetaTrainConfig:
     to raise the weight of fact tokens (plain SGD at lr 1 on weight 1 diverges there).
 
     inner_optimizer "adam" takes the OnlineUpdater's step instead of SGD's: the gradient clipped
-    to max_grad_norm, then Adam with moments carried across documents until the LoRA is reset,
+    as the worker clips it, then Adam with moments carried across documents until the LoRA is reset,
     as the worker's persistent optimiser carries them across a stream. Its inner_lr is then an
     Adam learning rate (the updater's, e.g. 2e-3), not an SGD one.
 
@@ -301,7 +303,7 @@ class MetaLearner:
         if self.config.inner_optimizer == "sgd":
             return InnerState({n: x - lr * grads[n] for n, x in state.theta.items()})
         norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
-        clip = torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0)
+        clip = torch.clamp(WORKER_CLIP / (norm + 1e-6), max=1.0)
         (b1, b2), t = ADAM_BETAS, state.t + 1
         theta, m, v = {}, {}, {}
         for n, x in state.theta.items():
