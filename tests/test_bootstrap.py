@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -16,27 +15,6 @@ from adaptation.weighting.camels import CamelsWeighter
 from service.cli import main
 from service.settings import Settings
 from service.supervisor import ensure_demo_parts
-
-
-def test_pretraining_batches_hold_every_sequence_once_with_little_padding() -> None:
-    rng = random.Random(0)
-    docs = [[1] * rng.randint(60, 110) for _ in range(300)]
-    qa = [([2] * rng.randint(8, 40), 4) for _ in range(900)]
-    qa += [([3] * rng.randint(150, 250), 100) for _ in range(150)]
-    spec = bootstrap.SPECS["demo"]
-    epochs = [bootstrap._make_batches(docs, qa, spec, rng) for _ in range(2)]
-    for batches in epochs:
-        seqs = [id(s) for batch in batches for s, _ in batch]
-        assert sorted(seqs) == sorted(id(s) for s in [*docs, *(s for s, _ in qa)])
-        for batch in batches:
-            long = {len(s) > bootstrap.SHORT_SEQ for s, _ in batch}
-            assert len(long) == 1  # short and long sequences never share a batch
-            assert len(batch) <= (spec.doc_batch if long == {True} else spec.qa_batch)
-        real = sum(len(s) for batch in batches for s, _ in batch)
-        computed = sum(max(len(s) for s, _ in batch) * len(batch) for batch in batches)
-        assert real / computed > 0.85
-    first, second = ({frozenset(id(s) for s, _ in b) for b in e} for e in epochs)
-    assert len(first & second) < len(first) / 2  # epochs pair sequences differently
 
 
 def test_quick_bootstrap_builds_the_model_its_weighting_model_and_its_mac_networks(
