@@ -272,8 +272,10 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "camels",
         help="meta-train a CaMeLS weighting model for a base",
         description="Bi-level training: each episode applies --episode-docs documents to the "
-        "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, then scores answer "
-        "NLL on their questions plus --c-kl x KL on an unrelated passage. The best checkpoint "
+        "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, "
+        "then scores answer NLL on their questions plus --c-kl x KL on an unrelated passage. "
+        "uptake bootstrap uses --inner-optimizer adam --inner-lr 2e-3 --normalisation weights "
+        "--minutes 15. The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
