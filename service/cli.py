@@ -577,6 +577,42 @@ def _service_flags(p: argparse.ArgumentParser, http: bool) -> None:
         p.add_argument("--port", type=int, default=None, help="port to bind (UPTAKE_PORT)")
 
 
+def _add_fit_tfidf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit-tfidf",
+        help="fit the tfidf weighting's word statistics, for UPTAKE_STRATEGY=tfidf",
+        description="Counts in how many of the given documents each word appears and saves the "
+        "idf table as JSON: set UPTAKE_WEIGHTER to it. Fit it on text like what the service "
+        "will be sent; words it never saw count as the rarest, so new names weigh most.",
+    )
+    p.add_argument(
+        "data", nargs="+", help="documents: JSONL, a JSON list or SQuAD-style JSON (several files)"
+    )
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument(
+        "--quantile",
+        type=float,
+        default=None,
+        help="zero each document's words below this quantile of its tf-idf (default: keep all)",
+    )
+    p.set_defaults(handler=_run_fit_tfidf)
+
+
+def _run_fit_tfidf(args: argparse.Namespace) -> int:
+    from adaptation.data import read_documents
+    from adaptation.weighting.tfidf import TfidfWeighter
+
+    try:
+        texts = [doc.text for path in args.data for doc in read_documents(path)]
+        weighter = TfidfWeighter(args.quantile).fit(texts)
+    except (OSError, ValueError) as exc:
+        print(f"uptake fit-tfidf: {exc}", file=sys.stderr)
+        return 2
+    path = weighter.save(args.out)
+    print(f"tf-idf of {len(weighter.idf)} words over {weighter.n_docs} documents: {path}")
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the HTTP API and the serving engine")
     _service_flags(p, http=True)
@@ -970,6 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_eval,
         _add_meta_train,
         _add_weights,
+        _add_fit_tfidf,
         _add_serve,
         _add_worker,
         _add_up,

@@ -219,8 +219,8 @@ class Settings(BaseSettings):
             return self.weighter
         if self.strategy == "tfidf":
             raise ConfigError(
-                "UPTAKE_STRATEGY=tfidf needs UPTAKE_WEIGHTER: a JSON file saved by "
-                "adaptation.weighting.TfidfWeighter().fit(texts).save(path)"
+                "UPTAKE_STRATEGY=tfidf needs UPTAKE_WEIGHTER: the JSON file written by "
+                "`uptake fit-tfidf DOCUMENTS --out FILE`"
             )
         if not demo_weighter_dir().is_dir():
             raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from service.metrics import WorkerStats
 from service.queue import Queue
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import LoraBackend, Worker, split_text
+from service.worker import LoraBackend, Worker, build_weighter, split_text
 from tests.servicekit import (
     drop_prefix,
     make_settings,
@@ -282,7 +283,7 @@ def test_a_strategy_without_its_weighter_stops_at_start(
     monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
     cases = {
         ("camels", None): "`uptake bootstrap`",
-        ("tfidf", None): "tfidf needs UPTAKE_WEIGHTER",
+        ("tfidf", None): "tfidf needs UPTAKE_WEIGHTER: the JSON file written by `uptake fit-tfidf",
         ("camels", tmp_path / "nothing"): f"UPTAKE_WEIGHTER={tmp_path / 'nothing'} does not exist",
     }
     for (strategy, weighter), message in cases.items():
@@ -300,6 +301,28 @@ def test_a_strategy_without_its_weighter_stops_at_start(
     settings = Settings(model=str(tiny_model_dir), strategy="camels")
     settings.check()
     assert settings.weighter_path() == demo_weighter_dir()
+
+
+def test_fit_tfidf_writes_the_weighter_the_tfidf_strategy_reads(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [f"The council met on day {i} and the weather was mild." for i in range(20)]
+    corpus.write_text(
+        "".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(lines))
+    )
+    out = tmp_path / "tfidf.json"
+    assert main(["fit-tfidf", str(corpus), "--out", str(out)]) == 0
+    assert f"over 20 documents: {out}" in capsys.readouterr().out
+
+    settings = Settings(model=str(tiny_model_dir), strategy="tfidf", weighter=out)
+    settings.check()
+    text = "The council met Orla Penn."
+    weights = build_weighter(settings).char_weights(text)
+    assert weights[text.index("Orla")] > weights[text.index("council")] > 0
+
+    assert main(["fit-tfidf", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "no dataset at" in capsys.readouterr().err
 
 
 def test_a_snapshot_the_store_cannot_write_is_reported_and_retried(
