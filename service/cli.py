@@ -68,8 +68,9 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "(default ~/.cache/uptake), then meta-trains for it the demo CaMeLS weighting model "
         "(UPTAKE_HOME/camels, for UPTAKE_STRATEGY=camels) and the demo MAC networks "
         "(UPTAKE_HOME/mac, for UPTAKE_MODE=mac) on the world's meta-train stream. On 2 otherwise "
-        "idle CPU cores the whole build takes about 50 minutes: the model 17 to 25, the "
-        "weighting model 15 and the MAC networks at most 10 (a few minutes in all on a GPU). --model-only, --variant and --out build "
+        "idle CPU cores the whole build takes about 65 minutes: the model 17 to 25, the "
+        "weighting model 30 and the MAC networks at most 10 (a few minutes in all on a GPU). "
+        "--model-only, --variant and --out build "
         "the model alone; `uptake up` builds whatever its strategy and mode need when missing.",
     )
     p.add_argument(
@@ -275,7 +276,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, "
         "then scores answer NLL on their questions plus --c-kl x KL on an unrelated passage. "
         "uptake bootstrap uses --inner-optimizer adam --inner-lr 2e-3 --normalisation weights "
-        "--minutes 15. The best checkpoint "
+        "--minutes 30. The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
