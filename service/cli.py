@@ -544,11 +544,21 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
 
 
 def _service_settings(args: argparse.Namespace) -> Settings:
-    """Settings from UPTAKE_* variables, with the flags given on the command line on top."""
+    """Settings from UPTAKE_* variables, with the flags given on the command line on top; a bad
+    value ends the command with one line naming the variable, not a traceback."""
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
-    flags = {k: getattr(args, k, None) for k in ("model", "host", "port")}
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "strategy")}
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"UPTAKE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"uptake {args.command}: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _checked_settings(args: argparse.Namespace) -> Settings | None:
@@ -953,6 +963,13 @@ def _add_forget_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=int, default=3, help="update steps per document (uptake eval's best)"
     )
+    p.add_argument(
+        "--strategy",
+        choices=("uniform", "salient", "tfidf", "camels"),
+        default=None,
+        help="token weighting of the updates (default: UPTAKE_STRATEGY, else uniform; camels "
+        "reads UPTAKE_WEIGHTER, else the demo weighting model)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     p.set_defaults(handler=_run_forget_check)
 
@@ -964,7 +981,6 @@ def _run_forget_check(args: argparse.Namespace) -> int:
     from adaptation.paths import demo_model_dir, demo_world_dir
     from service.forget_check import ForgetConfig, forget_table, run_forget_check, write_figures
     from service.redis_conn import close_embedded
-    from service.settings import Settings
 
     model = args.model or str(demo_model_dir())
     data = Path(args.data) if args.data else demo_world_dir() / "eval_stream.jsonl"
@@ -980,12 +996,16 @@ def _run_forget_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    settings = _checked_settings(args)
+    if settings is None:
+        return 2
     cfg = ForgetConfig(docs=args.docs, lr=args.lr, steps_per_doc=args.steps)
     flags = ["--model", model, "--data", str(data), "--docs", str(cfg.docs), "--lr", f"{cfg.lr:g}"]
-    flags += ["--steps", str(cfg.steps_per_doc)] + (["--json", args.json] if args.json else [])
+    flags += ["--steps", str(cfg.steps_per_doc), "--strategy", settings.strategy]
+    flags += ["--json", args.json] if args.json else []
     try:
         figures = run_forget_check(
-            model, data, cfg, Settings(), command=shlex.join(["uptake", "forget-check", *flags])
+            model, data, cfg, settings, command=shlex.join(["uptake", "forget-check", *flags])
         )
     finally:
         close_embedded()

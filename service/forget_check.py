@@ -88,6 +88,7 @@ def run_forget_check(
             "command": command,
             "model": model,
             "data": str(data),
+            "strategy": settings.strategy,
             "lr": cfg.lr,
             "steps_per_doc": cfg.steps_per_doc,
             "snapshot_every": settings.snapshot_every,
@@ -212,7 +213,8 @@ def forget_table(figures: dict[str, Any]) -> str:
     """The figures as a small Markdown table, with what they say in words."""
     gone, others = figures["forgotten"], figures["others"]
     lines = [
-        f"lr {figures['lr']:g} x {figures['steps_per_doc']} steps, {figures['documents']} "
+        f"{figures.get('strategy', 'uniform')}, lr {figures['lr']:g} x "
+        f"{figures['steps_per_doc']} steps, {figures['documents']} "
         f"documents, {figures['questions']} questions; versions "
         + " / ".join(str(figures["versions"][p]) for p in PHASES),
         "",

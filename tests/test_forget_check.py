@@ -65,6 +65,26 @@ def test_cli_needs_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "give --data" in capsys.readouterr().err
 
 
+def test_cli_stops_at_a_strategy_it_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before any process starts: camels without a weighting model, and a misspelt
+    UPTAKE_STRATEGY, each end in one line that says what to set."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("")
+    flags = ["forget-check", "--model", str(tmp_path), "--data", str(stream)]
+    assert main([*flags, "--strategy", "camels"]) == 2
+    assert "UPTAKE_WEIGHTER" in capsys.readouterr().err
+    monkeypatch.setenv("UPTAKE_STRATEGY", "camel")
+    with pytest.raises(SystemExit) as stopped:
+        main(flags)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uptake forget-check: UPTAKE_STRATEGY: ") and "'camels'" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_forgetting_on_the_demo_model(tmp_path: Path) -> None:
     """The figures for issue 6's forget test (printed; run with -s). They are measured, not
