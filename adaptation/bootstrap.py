@@ -277,13 +277,15 @@ def ensure_demo_model(quick: bool = False) -> Path:
 # The demo weighting model's meta-training: through the worker's own update (clipped AdamW at the
 # swept uniform rate, moments carried), inner loss normalised by the sum of weights. Against plain
 # SGD (15 minutes) it weighted facts 1.65x the mean and gained 1.44x uniform's uptake at 0.047
-# lower retention; against Adam, in 30 minutes, 9.3x and 1.70x at 0.033 higher retention, better
-# than at 15 minutes on each (docs/results/eval-camels-adam.md).
+# lower retention; against Adam, in 563 steps (30 minutes on 2 idle cores), 9.3x and 1.70x at
+# 0.033 higher retention, better than at 272 steps on each (docs/results/eval-camels-adam.md).
+# A step budget, not a time one, so that every machine builds that same weighting model.
 DEMO_CAMELS = {
     "normalisation": "weights",
     "inner_optimizer": "adam",
     "inner_lr": 2e-3,
-    "minutes": 30.0,
+    "steps": 563,
+    "minutes": None,
 }
 DEMO_MAC_MINUTES = 10.0  # the MAC networks overfit the meta-train stream soon after
 

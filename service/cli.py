@@ -69,7 +69,7 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "(UPTAKE_HOME/camels, for UPTAKE_STRATEGY=camels) and the demo MAC networks "
         "(UPTAKE_HOME/mac, for UPTAKE_MODE=mac) on the world's meta-train stream. On 2 otherwise "
         "idle CPU cores the whole build takes about 65 minutes: the model 17 to 25, the "
-        "weighting model 30 and the MAC networks at most 10 (a few minutes in all on a GPU). "
+        "weighting model 30 (563 meta-training steps) and the MAC networks at most 10 (a few minutes in all on a GPU). "
         "--model-only, --variant and --out build "
         "the model alone; `uptake up` builds whatever its strategy and mode need when missing.",
     )
@@ -276,7 +276,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, "
         "then scores answer NLL on their questions plus --c-kl x KL on an unrelated passage. "
         "uptake bootstrap uses --inner-optimizer adam --inner-lr 2e-3 --normalisation weights "
-        "--minutes 30. The best checkpoint "
+        "--steps 563 --minutes 0. The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
@@ -297,7 +297,12 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
     p.add_argument("--c-kl", type=float, default=None, help="locality weight")
     p.add_argument("--grad-accum", type=int, default=None, help="episodes per outer step")
     p.add_argument("--steps", type=int, default=None, help="outer steps")
-    p.add_argument("--minutes", type=float, default=None, help="finish within this many minutes")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="finish within this many minutes (0: no limit, only --steps)",
+    )
     p.add_argument("--val-every", type=int, default=None, help="outer steps between validations")
     p.add_argument("--val-episodes", type=int, default=None, help="fixed validation episodes")
     p.add_argument(
