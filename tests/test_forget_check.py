@@ -87,10 +87,9 @@ def test_cli_stops_at_a_strategy_it_cannot_run(
 
 @pytest.mark.slow
 def test_forgetting_on_the_demo_model(tmp_path: Path) -> None:
-    """The figures for issue 6's forget test (printed; run with -s). They are measured, not
-    promised: the demo model takes up little from one pass over a document, so only what must
-    hold whatever it learned is asserted: the forget makes a new version, does not raise the
-    forgotten document's F1, and does not cost the others more than 0.05 mean F1."""
+    """Issue 6's forget test (figures printed; run with -s): the demo model learns a fact from
+    one of the documents, forgetting that document takes the fact back to the base's answer,
+    and the others' answers stay as they were (at least 80% identical, mean F1 within 0.05)."""
     model, stream = demo_model_dir(), demo_world_dir() / "eval_stream.jsonl"
     if not (model / "config.json").exists() or not stream.exists():
         pytest.skip("needs the demo model and world (`uptake world` and `uptake bootstrap`)")
@@ -102,5 +101,7 @@ def test_forgetting_on_the_demo_model(tmp_path: Path) -> None:
     versions = figures["versions"]
     assert versions["before_ingest"] == 0 < versions["after_ingest"] < versions["after_forget"]
     gone, others = figures["forgotten"]["f1"], figures["others"]["mean_f1"]
-    assert gone["after_forget"] <= gone["after_ingest"]
-    assert others["after_forget"] >= others["after_ingest"] - 0.05
+    assert gone["after_ingest"] > gone["before_ingest"]
+    assert gone["after_forget"] <= gone["before_ingest"]
+    assert abs(others["after_forget"] - others["after_ingest"]) <= 0.05
+    assert figures["others"]["answers_unchanged_by_forget"] >= 0.8
