@@ -69,7 +69,8 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "(UPTAKE_HOME/camels, for UPTAKE_STRATEGY=camels) and the demo MAC networks "
         "(UPTAKE_HOME/mac, for UPTAKE_MODE=mac) on the world's meta-train stream. On 2 otherwise "
         "idle CPU cores the whole build takes about 65 minutes: the model 17 to 25, the "
-        "weighting model 30 (563 meta-training steps) and the MAC networks at most 10 (a few minutes in all on a GPU). "
+        "weighting model 30 (563 meta-training steps) and the MAC networks 7 (720 steps); a few "
+        "minutes in all on a GPU. "
         "--model-only, --variant and --out build "
         "the model alone; `uptake up` builds whatever its strategy and mode need when missing.",
     )
