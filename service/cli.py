@@ -551,17 +551,22 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
 
 def _service_settings(args: argparse.Namespace) -> Settings:
     """Settings from UPTAKE_* variables, with the flags given on the command line on top; a bad
-    value ends the command with one line naming the variable, not a traceback."""
+    value ends the command with one line naming the flag or variable, not a traceback."""
     from pydantic import ValidationError
 
     from service.settings import Settings
 
     flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "strategy")}
+    given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
+
+        def source(field: str) -> str:
+            return f"--{field}" if field in given else f"UPTAKE_{field.upper()}"
+
         problems = "; ".join(
-            f"UPTAKE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"{source('_'.join(map(str, e['loc'])))}: {e['msg']}" for e in exc.errors()
         )
         print(f"uptake {args.command}: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -971,10 +976,10 @@ def _add_forget_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1, help="update steps per document")
     p.add_argument(
         "--strategy",
-        choices=("uniform", "salient", "tfidf", "camels"),
         default=None,
-        help="token weighting of the updates (default: UPTAKE_STRATEGY, else uniform; camels "
-        "reads UPTAKE_WEIGHTER, else the demo weighting model)",
+        help="token weighting of the updates: uniform, salient, tfidf or camels (default: "
+        "UPTAKE_STRATEGY, else uniform; camels reads UPTAKE_WEIGHTER, else the demo weighting "
+        "model)",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
     p.set_defaults(handler=_run_forget_check)

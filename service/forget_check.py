@@ -213,7 +213,7 @@ def forget_table(figures: dict[str, Any]) -> str:
     """The figures as a small Markdown table, with what they say in words."""
     gone, others = figures["forgotten"], figures["others"]
     lines = [
-        f"{figures.get('strategy', 'uniform')}, lr {figures['lr']:g} x "
+        f"{figures['strategy']}, lr {figures['lr']:g} x "
         f"{figures['steps_per_doc']} steps, {figures['documents']} "
         f"documents, {figures['questions']} questions; versions "
         + " / ".join(str(figures["versions"][p]) for p in PHASES),

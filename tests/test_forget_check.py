@@ -51,12 +51,14 @@ def test_figures_set_the_forgotten_document_against_the_others() -> None:
     assert others["answers_unchanged_by_forget"] == 0.5
     assert figures["per_document"][2]["answers"]["after_forget"] == ["Port Selka"]
 
-    table = forget_table({**figures, "lr": 1e-3, "steps_per_doc": 3})
+    table = forget_table({**figures, "strategy": "uniform", "lr": 1e-3, "steps_per_doc": 3})
     assert "| forgotten d0 (2 questions) | 0.000 | 1.000 | 0.500 |" in table
     assert "unchanged by the forget: 50.0%" in table and "learned nothing" not in table
     same = Phase(phases["before_ingest"].answers, 1)
     unlearned = forget_figures(DOCS, {p: same for p in phases}, forgotten=0)
-    assert "learned nothing" in forget_table({**unlearned, "lr": 1e-3, "steps_per_doc": 3})
+    assert "learned nothing" in forget_table(
+        {**unlearned, "strategy": "uniform", "lr": 1e-3, "steps_per_doc": 3}
+    )
 
 
 def test_cli_needs_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,14 +70,18 @@ def test_cli_needs_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_cli_stops_at_a_strategy_it_cannot_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Before any process starts: camels without a weighting model, and a misspelt
-    UPTAKE_STRATEGY, each end in one line that says what to set."""
+    """Before any process starts: camels without a weighting model, and a misspelt --strategy
+    or UPTAKE_STRATEGY, each end in one line that says what to set."""
     monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
     stream = tmp_path / "stream.jsonl"
     stream.write_text("")
     flags = ["forget-check", "--model", str(tmp_path), "--data", str(stream)]
     assert main([*flags, "--strategy", "camels"]) == 2
     assert "UPTAKE_WEIGHTER" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main([*flags, "--strategy", "camel"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("uptake forget-check: --strategy: ")
     monkeypatch.setenv("UPTAKE_STRATEGY", "camel")
     with pytest.raises(SystemExit) as stopped:
         main(flags)
