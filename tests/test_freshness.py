@@ -69,17 +69,13 @@ def test_freshness_and_throughput_on_the_demo_model(tmp_path: Path, strategy: st
             drop_prefix(url, prefix)
 
 
-def _answers(http: httpx.Client, doc: Document, wait_for: str | None = None) -> list[str]:
-    """The answers to all of a document's questions, the first one waiting for `wait_for`."""
-    out = []
-    for qa in doc.questions:
-        body = {"question": qa.question, "timeout_s": 300}
-        if wait_for is not None and not out:
-            body["wait_for"] = [wait_for]
-        answer = http.post("/v1/answer", json=body)
-        assert answer.status_code == 200, answer.text
-        out.append(answer.json()["answer"])
-    return out
+def _answer(http: httpx.Client, question: str, wait_for: str | None = None) -> str:
+    body: dict[str, object] = {"question": question, "timeout_s": 300}
+    if wait_for is not None:
+        body["wait_for"] = [wait_for]
+    answer = http.post("/v1/answer", json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["answer"]
 
 
 def _right(doc: Document, answers: list[str]) -> list[bool]:
@@ -95,16 +91,19 @@ def _quantiles(seconds: list[float]) -> str:
 
 def _measure(http: httpx.Client, docs: list[Document], strategy: str) -> None:
     measured = docs[:FRESHNESS_DOCS]
-    on_base = [_right(doc, _answers(http, doc)) for doc in measured]
+    on_base = [
+        _right(doc, [_answer(http, qa.question) for qa in doc.questions]) for doc in measured
+    ]
     held, reflected = [], []
     for doc, base_right in zip(measured, on_base, strict=True):
         started = time.perf_counter()
         posted = http.post("/v1/documents", json={"text": doc.text, "source": doc.id})
         assert posted.status_code == 202
-        first = _answers(http, doc, wait_for=posted.json()["id"])[:1]
+        first, *others = (qa.question for qa in doc.questions)
+        answers = [_answer(http, first, wait_for=posted.json()["id"])]
         held.append(time.perf_counter() - started)
-        rest = _answers(http, doc)[1:]  # after the first: from the version it waited for, or later
-        now_right = _right(doc, first + rest)
+        answers += [_answer(http, q) for q in others]  # from the version waited for, or later
+        now_right = _right(doc, answers)
         if any(now and not before for now, before in zip(now_right, base_right, strict=True)):
             reflected.append(time.perf_counter() - started)
     print(
