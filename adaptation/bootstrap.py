@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers
-from adaptation.data import Document, all_questions, read_documents
+from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.metrics import score
 from adaptation.modeling import default_device
 from adaptation.paths import (
@@ -33,13 +33,18 @@ from adaptation.paths import (
 )
 from adaptation.prompts import answer_batch, qa_tokens
 from adaptation.tokenizer import train_bpe_tokenizer
-from adaptation.world import WorldConfig, write_world
+from adaptation.world import WorldConfig, newcomers, write_world
 
 
 @dataclass(frozen=True)
 class DemoSpec:
     """Model size and training budget. `variant` bases differ in size and tokenizer, for
-    showing that a weighting model transfers across bases."""
+    showing that a weighting model transfers across bases.
+
+    `reading_people`: newcomers (people no split mentions) whose articles the model only ever
+    sees in its context, with questions about them; a fresh share of them each epoch, so the
+    answer can be read but never memorised. The demo base has none and cannot read its context.
+    """
 
     vocab_size: int = 4096
     hidden: int = 256
@@ -53,6 +58,7 @@ class DemoSpec:
     max_len: int = 256
     world_people: int | None = None
     context_share: float = 0.3
+    reading_people: int = 0
     monitor_every: int = 0
     seed: int = 0
 
@@ -64,6 +70,7 @@ SPECS: dict[str, DemoSpec] = {
     "variant": DemoSpec(
         vocab_size=3000, hidden=192, layers=5, heads=6, intermediate=512, epochs=14
     ),
+    "reader": DemoSpec(reading_people=2400),
     "quick": DemoSpec(
         vocab_size=1024,
         hidden=64,
@@ -96,14 +103,58 @@ def _encode_qa(
     texts = [d.text for d in docs]
     for doc in docs:
         for q in doc.questions:
-            contexts: list[str | None] = [None]
+            out.append(qa_tokens(tok, q.question, q.answers[0]))
             if rng.random() < context_share:
-                pair = [doc.text, rng.choice(texts)]
-                rng.shuffle(pair)
-                contexts.append("\n".join(pair))
-            for ctx in contexts:
-                out.append(qa_tokens(tok, q.question, q.answers[0], ctx))
+                out.append(_asked_in_context(tok, q, doc, texts, rng))
     return out
+
+
+def _asked_in_context(
+    tok: PreTrainedTokenizerBase, q: QA, doc: Document, texts: list[str], rng: random.Random
+) -> tuple[list[int], int]:
+    """The question with its source document and one other in context, in random order."""
+    pair = [doc.text, rng.choice(texts)]
+    rng.shuffle(pair)
+    return qa_tokens(tok, q.question, q.answers[0], "\n".join(pair))
+
+
+def _reading_lessons(
+    spec: DemoSpec, tok: PreTrainedTokenizerBase
+) -> list[list[tuple[list[int], int]]]:
+    """Per epoch, every question about that epoch's share of the reading newcomers, asked in
+    context: the answer is in the context and nowhere in the model, so it must read."""
+    if not spec.reading_people:
+        return [[] for _ in range(spec.epochs)]
+    rng = random.Random(spec.seed + 2)
+    docs = newcomers(_world_config(spec), spec.reading_people, "read")
+    texts = [d.text for d in docs]
+    people: dict[str, list[Document]] = {}
+    for d in docs:
+        people.setdefault(str(d.meta["entity"]), []).append(d)
+    names = list(people)
+    share = math.ceil(len(names) / spec.epochs)
+    return [
+        [
+            _asked_in_context(tok, q, doc, texts, rng)
+            for name in names[epoch * share : (epoch + 1) * share]
+            for doc in people[name]
+            for q in doc.questions
+        ]
+        for epoch in range(spec.epochs)
+    ]
+
+
+def _world_config(spec: DemoSpec) -> WorldConfig:
+    cfg = WorldConfig(seed=spec.seed)
+    if spec.world_people:
+        cfg = cfg.replace(
+            pretrain_people=spec.world_people,
+            meta_train_people=24,
+            meta_val_people=8,
+            eval_people=20,
+            retention_questions=40,
+        )
+    return cfg
 
 
 def _make_batches(
@@ -123,11 +174,22 @@ def _make_batches(
 
 
 def evaluate_qa(
-    model: torch.nn.Module, tok: PreTrainedTokenizerBase, docs: list[Document], limit: int = 300
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerBase,
+    docs: list[Document],
+    limit: int = 300,
+    in_context: bool = False,
 ) -> dict[str, float]:
-    qs = all_questions(docs)[:limit]
-    preds = generate_answers(model, tok, [q.question for q in qs], max_new_tokens=12)
-    return score(preds, [q.answers for q in qs])
+    """Closed-book F1, or with each question's own document in context (`in_context`)."""
+    asked = [(q, d) for d in docs for q in d.questions][:limit]
+    preds = generate_answers(
+        model,
+        tok,
+        [q.question for q, _ in asked],
+        contexts=[d.text for _, d in asked] if in_context else None,
+        max_new_tokens=12,
+    )
+    return score(preds, [q.answers for q, _ in asked])
 
 
 def build_demo_model(
@@ -154,16 +216,7 @@ def build_demo_model(
         else out.parent / "world-quick"
     )
     if not (world / "pretrain.jsonl").exists():
-        cfg = WorldConfig(seed=spec.seed)
-        if spec.world_people:
-            cfg = cfg.replace(
-                pretrain_people=spec.world_people,
-                meta_train_people=24,
-                meta_val_people=8,
-                eval_people=20,
-                retention_questions=40,
-            )
-        write_world(world, cfg)
+        write_world(world, _world_config(spec))
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     started = time.time()
@@ -190,8 +243,11 @@ def build_demo_model(
     model = LlamaForCausalLM(config).to(device)
     doc_ids = _encode_docs(pretrain, tok, spec.max_len)
     qa = _encode_qa(pretrain, tok, rng, spec.context_share)
-    steps_per_epoch = len(_make_batches(doc_ids, qa, spec, random.Random(0)))
-    total = steps_per_epoch * spec.epochs
+    lessons = _reading_lessons(spec, tok)
+    epoch_steps = [
+        len(_make_batches(doc_ids, qa + extra, spec, random.Random(0))) for extra in lessons
+    ]
+    total = sum(epoch_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, total // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -205,7 +261,7 @@ def build_demo_model(
         total=total, desc=f"pretraining {variant if not quick else 'quick'} model", unit="step"
     )
     for epoch in range(1, spec.epochs + 1):
-        for batch in _make_batches(doc_ids, qa, spec, rng):
+        for batch in _make_batches(doc_ids, qa + lessons[epoch - 1], spec, rng):
             ids, labels, mask = (t.to(device) for t in answer_batch(batch, tok.pad_token_id))
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -221,18 +277,20 @@ def build_demo_model(
             f = evaluate_qa(model, tok, read_documents(world / "pretrain_heldout_qa.jsonl"), 150)
             r = evaluate_qa(model, tok, read_documents(world / "retention_qa.jsonl"), 150)
             bar.write(
-                f"epoch {epoch} (step {epoch * steps_per_epoch}): retention F1 {r['f1']:.3f}, extraction F1 {f['f1']:.3f}"
+                f"epoch {epoch} (step {sum(epoch_steps[:epoch])}): retention F1 {r['f1']:.3f}, extraction F1 {f['f1']:.3f}"
             )
             model.train()
     bar.close()
     model.eval()
 
+    eval_stream = read_documents(world / "eval_stream.jsonl")
     figures = {
         "retention_qa": evaluate_qa(model, tok, read_documents(world / "retention_qa.jsonl")),
         "heldout_extraction_qa": evaluate_qa(
             model, tok, read_documents(world / "pretrain_heldout_qa.jsonl")
         ),
-        "eval_stream_before": evaluate_qa(model, tok, read_documents(world / "eval_stream.jsonl")),
+        "eval_stream_before": evaluate_qa(model, tok, eval_stream),
+        "eval_stream_in_context": evaluate_qa(model, tok, eval_stream, in_context=True),
     }
     card = {
         "variant": "quick" if quick else variant,
@@ -261,7 +319,9 @@ def _model_card(card: dict) -> str:
         f"# uptake demo model ({card['variant']})\n\n"
         f"A {card['parameters'] / 1e6:.1f}M-parameter Llama pretrained by `uptake bootstrap` on the "
         f"knowledge world at `{card['world']}` in {card['train_seconds']:.0f} s.\n\n"
-        "| closed-book QA set | F1 | EM | questions |\n| --- | --- | --- | --- |\n"
+        "Closed-book QA, except *in_context*: each eval-stream question with its own article in "
+        "the prompt (can the model read its context?).\n\n"
+        "| QA set | F1 | EM | questions |\n| --- | --- | --- | --- |\n"
         f"{rows}\n"
     )
 

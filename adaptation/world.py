@@ -544,6 +544,14 @@ def build_world(config: WorldConfig | None = None) -> dict[str, list[Document]]:
     return World(config or WorldConfig()).splits()
 
 
+def newcomers(config: WorldConfig, people: int, prefix: str = "new") -> list[Document]:
+    """A stream of people the world's splits never mention (they are drawn after all of them),
+    living among its places and organisations: material that no split already holds."""
+    world = World(config)
+    world.splits()
+    return world.stream(people, prefix)
+
+
 def write_world(
     out_dir: str | os.PathLike[str], config: WorldConfig | None = None
 ) -> dict[str, Path]:

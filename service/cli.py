@@ -83,8 +83,9 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variant",
         default="demo",
-        choices=["demo", "variant"],
-        help="'variant' is a second base with another size and tokenizer",
+        choices=["demo", "variant", "reader"],
+        help="'variant' is a second base with another size and tokenizer; 'reader' is the "
+        "demo's shape also taught to answer from its context (for rag and mac)",
     )
     p.add_argument("--world", default=None, help="world directory (default: UPTAKE_HOME/world)")
     p.add_argument(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from adaptation import bootstrap
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir
+from adaptation.prompts import ANSWER_END
 from adaptation.weighting.camels import CamelsWeighter
 from service.cli import main
 from service.settings import Settings
@@ -72,3 +75,25 @@ def test_up_builds_only_the_demo_parts_its_settings_need(
         built.clear()
         ensure_demo_parts(settings)
         assert built == expected, settings
+
+
+def test_reading_lessons_ask_about_fresh_newcomers_each_epoch_with_the_answer_in_context(
+    quick_home: Path,
+) -> None:
+    spec = dataclasses.replace(bootstrap.SPECS["quick"], reading_people=6, epochs=3)
+    tok = AutoTokenizer.from_pretrained(quick_home / "demo-quick")
+    lessons = bootstrap._reading_lessons(spec, tok)
+    assert len(lessons) == 3 and all(lessons)
+    asked: list[set[str]] = []
+    for epoch in lessons:
+        questions = set()
+        for ids, prompt_length in epoch:
+            prompt = tok.decode(ids[:prompt_length])
+            answer = tok.decode(ids[prompt_length:]).replace(ANSWER_END, "").strip()
+            context, question = prompt.split("\nQuestion: ")
+            assert context.startswith("Context: ") and answer in context
+            questions.add(question)
+        asked.append(questions)
+    assert not asked[0] & asked[1] and not asked[1] & asked[2]  # a new share every epoch
+    no_reading = bootstrap._reading_lessons(bootstrap.SPECS["demo"], tok)
+    assert no_reading == [[] for _ in range(bootstrap.SPECS["demo"].epochs)]

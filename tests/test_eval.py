@@ -27,7 +27,12 @@ def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
     assert model.config.model_type == "llama"
     assert (model_dir / "model.safetensors").exists()
     card = json.loads((model_dir / "uptake_card.json").read_text())
-    assert set(card["figures"]) == {"retention_qa", "heldout_extraction_qa", "eval_stream_before"}
+    assert set(card["figures"]) == {
+        "retention_qa",
+        "heldout_extraction_qa",
+        "eval_stream_before",
+        "eval_stream_in_context",
+    }
     assert tok.decode(tok("Question: hi")["input_ids"]) == "Question: hi"
 
 

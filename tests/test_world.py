@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from adaptation.world import PERSON_FACTS, WorldConfig, build_world, write_world
+from adaptation.world import PERSON_FACTS, WorldConfig, build_world, newcomers, write_world
 
 SMALL = WorldConfig(
     pretrain_people=20,
@@ -32,6 +32,21 @@ def test_splits_have_the_promised_shape() -> None:
     assert not stream_names & {d.meta["entity"] for d in pre}, "eval entities must be new"
     assert not stream_names & {d.meta["entity"] for d in world["meta_train"]}
     assert all(len(PERSON_FACTS[r][0]) >= 4 and len(PERSON_FACTS[r][1]) >= 3 for r in PERSON_FACTS)
+
+
+def test_newcomers_are_new_to_every_split_and_leave_the_splits_alone() -> None:
+    before = build_world(SMALL)
+    people = newcomers(SMALL, 12, "read")
+    assert people == newcomers(SMALL, 12, "read")  # deterministic
+    names = {d.meta["entity"] for d in people}
+    assert len(names) == 12
+    for split, docs in build_world(SMALL).items():
+        assert docs == before[split], split
+        assert not names & {d.meta["entity"] for d in docs}, split
+        assert not names & {d.title for d in docs}, split
+    orgs = {d.meta["entity"] for d in before["pretrain"] if d.id.startswith("org-")}
+    employers = {qa.answers[0] for d in people for qa in d.questions if "work" in qa.question}
+    assert employers and employers <= orgs  # they work for the world's organisations
 
 
 def test_facts_are_in_their_document_and_changes_expect_the_newest_value() -> None:
