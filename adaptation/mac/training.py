@@ -99,6 +99,7 @@ class MacTrainReport:
     best_step: int = 0
     val_history: list[tuple[int, float]] = field(default_factory=list)
     f1_no_memory: float | None = None
+    f1_own_memory: float | None = None
     f1_batch_memory: float | None = None
     f1_full_memory: float | None = None
     full_memory_entries: int = 0
@@ -218,7 +219,8 @@ def _answer_f1(
     system: MacSystem, docs: Sequence[Document], limit: int, batch_docs: int | None
 ) -> tuple[float, float, int]:
     """(F1 with no memory, F1 with the memory, memory entries). `batch_docs` None: the memory
-    is all `docs`; otherwise each question sees only its batch of `batch_docs` documents."""
+    is all `docs`; otherwise each question sees only its batch of `batch_docs` documents (1:
+    its own document alone, the most any aggregation can hand the base)."""
     system.bank = MemoryBank(system.bank.num_tokens, system.bank.width)
     system.ingest_many([(d.id, d.text) for d in docs])
     questions, golds, doc_ids = [], [], []
@@ -336,7 +338,10 @@ def train_mac(
     networks.eval()
     system.save(out_dir)
     if cfg.eval_questions:
-        report.f1_no_memory, report.f1_batch_memory, _ = _answer_f1(
+        report.f1_no_memory, report.f1_own_memory, _ = _answer_f1(
+            system, val_docs, cfg.eval_questions, 1
+        )
+        _, report.f1_batch_memory, _ = _answer_f1(
             system, val_docs, cfg.eval_questions, cfg.batch_docs
         )
         _, report.f1_full_memory, report.full_memory_entries = _answer_f1(
