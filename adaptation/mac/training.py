@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,26 +215,33 @@ def _batches(docs: Sequence[_Doc], size: int, rng: random.Random | None) -> list
     return [b for b in out if any(d.qas for d in b)]
 
 
-def _answer_f1(
-    system: MacSystem, docs: Sequence[Document], limit: int, batch_docs: int | None
-) -> tuple[float, float, int]:
-    """(F1 with no memory, F1 with the memory, memory entries). `batch_docs` None: the memory
-    is all `docs`; otherwise each question sees only its batch of `batch_docs` documents (1:
-    its own document alone, the most any aggregation can hand the base)."""
+def _memory_f1(
+    system: MacSystem, docs: Sequence[Document], limit: int, batch_docs: int
+) -> tuple[dict[str, float], int]:
+    """F1 on the first `limit` questions of `docs` by what each question's memory holds: none,
+    its own document alone (the most any aggregation can hand the base), its batch of
+    `batch_docs` documents, or all `docs`. Also returns the full memory's entries."""
     system.bank = MemoryBank(system.bank.num_tokens, system.bank.width)
     system.ingest_many([(d.id, d.text) for d in docs])
-    questions, golds, doc_ids = [], [], []
-    for start in range(0, len(docs), batch_docs or len(docs)):
-        group = [d.id for d in docs[start : start + (batch_docs or len(docs))]]
-        for d in docs[start : start + (batch_docs or len(docs))]:
-            for qa in d.questions:
-                questions.append(qa.question)
-                golds.append(list(qa.answers))
-                doc_ids.append(group)
-    questions, golds, doc_ids = questions[:limit], golds[:limit], doc_ids[:limit]
-    with_memory = system.answer(questions, doc_ids=doc_ids if batch_docs else None)
-    without = system.answer(questions, doc_ids=[[] for _ in questions])
-    return score(without, golds)["f1"], score(with_memory, golds)["f1"], len(system.bank)
+    asked = [(i, qa) for i, d in enumerate(docs) for qa in d.questions][:limit]
+    questions = [qa.question for _, qa in asked]
+    golds = [list(qa.answers) for _, qa in asked]
+
+    def f1(doc_ids: Callable[[int], list[str]] | None) -> float:
+        memories = None if doc_ids is None else [doc_ids(i) for i, _ in asked]
+        return score(system.answer(questions, doc_ids=memories), golds)["f1"]
+
+    def batch_of(i: int) -> list[str]:
+        start = i - i % batch_docs
+        return [d.id for d in docs[start : start + batch_docs]]
+
+    figures = {
+        "none": f1(lambda i: []),
+        "own": f1(lambda i: [docs[i].id]),
+        "batch": f1(batch_of),
+        "full": f1(None),
+    }
+    return figures, len(system.bank)
 
 
 def train_mac(
@@ -338,15 +345,11 @@ def train_mac(
     networks.eval()
     system.save(out_dir)
     if cfg.eval_questions:
-        report.f1_no_memory, report.f1_own_memory, _ = _answer_f1(
-            system, val_docs, cfg.eval_questions, 1
-        )
-        _, report.f1_batch_memory, _ = _answer_f1(
+        f1, report.full_memory_entries = _memory_f1(
             system, val_docs, cfg.eval_questions, cfg.batch_docs
         )
-        _, report.f1_full_memory, report.full_memory_entries = _answer_f1(
-            system, val_docs, cfg.eval_questions, None
-        )
+        report.f1_no_memory, report.f1_own_memory = f1["none"], f1["own"]
+        report.f1_batch_memory, report.f1_full_memory = f1["batch"], f1["full"]
     report.seconds = time.monotonic() - started
     Path(out_dir, "training.json").write_text(json.dumps(asdict(report), indent=2), "utf-8")
     return report
