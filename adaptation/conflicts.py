@@ -59,9 +59,11 @@ def _other_value(world: World, relation: str, value: str) -> str:
     return world.rng.choice([v for v in pool if v != value])
 
 
-def _article(world: World, p: Person, relation: str, value: str) -> str:
+def _article(world: World, p: Person, relation: str, value: str, avoid: Sequence[str]) -> str:
+    """An article stating one fact; its filler names none of `avoid` (both contested values), so
+    an article never mentions the other source's value in passing."""
     fact = world._fact(PERSON_FACTS[relation][0], p.name, value, p.pronoun[1])
-    return world._article(world.rng.choice(HEADLINES).format(name=p.name), [fact])
+    return world._article(world.rng.choice(HEADLINES).format(name=p.name), [fact], avoid)
 
 
 def build_conflicts(world: World, config: ConflictConfig | None = None) -> list[Document]:
@@ -79,12 +81,13 @@ def build_conflicts(world: World, config: ConflictConfig | None = None) -> list[
         meta: dict[str, object] = {"entity": p.name, "relations": [relation]}
         if i < n_conflicts:
             wrong = _other_value(world, relation, value)
+            both = (value, wrong)
             meta |= {"conflict": True, "reliable_value": value, "unreliable_value": wrong}
             drafts.append(
-                (f"cf-{i}-r", cfg.reliable, _article(world, p, relation, value), qa, meta)
+                (f"cf-{i}-r", cfg.reliable, _article(world, p, relation, value, both), qa, meta)
             )
             drafts.append(
-                (f"cf-{i}-u", cfg.unreliable, _article(world, p, relation, wrong), (), meta)
+                (f"cf-{i}-u", cfg.unreliable, _article(world, p, relation, wrong, both), (), meta)
             )
         else:
             source = cfg.reliable if i % 2 == 0 else cfg.unreliable
@@ -92,7 +95,7 @@ def build_conflicts(world: World, config: ConflictConfig | None = None) -> list[
                 (
                     f"nc-{i}",
                     source,
-                    _article(world, p, relation, value),
+                    _article(world, p, relation, value, (value,)),
                     qa,
                     meta | {"conflict": False},
                 )

@@ -58,6 +58,20 @@ def test_conflicting_and_plain_facts_from_both_sources(tmp_path: Path) -> None:
     assert read_documents(path) == build_conflicts(fresh_world(SMALL), cfg)
 
 
+def test_an_article_never_names_the_other_sources_place_in_passing() -> None:
+    """Filler draws random places; one naming the rival value would teach it under the wrong
+    source. (Years are not checked: filler numbers are free to look like any year.)"""
+    cfg = ConflictConfig(people=400, conflict_fraction=1.0)
+    places = 0
+    for pair in _pairs(build_conflicts(World(WorldConfig(seed=0)), cfg)).values():
+        r, u = pair["r"], pair["u"]
+        if r.meta["relations"][0] in ("birthplace", "residence"):
+            places += 1
+            assert r.meta["reliable_value"] not in u.text
+            assert r.meta["unreliable_value"] not in r.text
+    assert places > 100
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="conflict_fraction"):
         ConflictConfig(conflict_fraction=1.5)
