@@ -192,6 +192,28 @@ def evaluate_qa(
     return score(preds, [q.answers for q, _ in asked])
 
 
+def model_home(variant: str = "demo", quick: bool = False) -> Path:
+    """Where `uptake bootstrap` keeps a base when no --out is given."""
+    if variant == "demo" and not quick:
+        return demo_model_dir()
+    return demo_model_dir().parent / ("demo-quick" if quick else f"demo-{variant}")
+
+
+def is_built(model_dir: Path) -> bool:
+    """Builds are renamed into place when finished, so a config means a whole model."""
+    return (Path(model_dir) / "config.json").exists()
+
+
+def is_current(part_dir: Path, model_dir: Path) -> bool:
+    """A weighting model or MAC networks built after the model they were trained for: a part
+    older than its model was trained for an earlier build of it."""
+    part_dir = Path(part_dir)
+    if not part_dir.is_dir():
+        return False
+    newest = max(p.stat().st_mtime for p in [part_dir, *part_dir.iterdir()])
+    return newest >= (Path(model_dir) / "config.json").stat().st_mtime
+
+
 def build_demo_model(
     out_dir: Path | None = None,
     variant: str = "demo",
@@ -201,13 +223,7 @@ def build_demo_model(
 ) -> Path:
     """Train the tokenizer and the model and save a standard HF directory with a model card."""
     spec = spec or SPECS["quick" if quick else variant]
-    out = (
-        Path(out_dir)
-        if out_dir
-        else demo_model_dir()
-        if variant == "demo" and not quick
-        else (demo_model_dir().parent / ("demo-quick" if quick else f"demo-{variant}"))
-    )
+    out = Path(out_dir) if out_dir else model_home(variant, quick)
     world = (
         Path(world_dir)
         if world_dir
@@ -328,8 +344,8 @@ def _model_card(card: dict) -> str:
 
 def ensure_demo_model(quick: bool = False) -> Path:
     """The demo model's directory, building it first if it is not there yet."""
-    out = demo_model_dir() if not quick else demo_model_dir().parent / "demo-quick"
-    if (out / "config.json").exists():
+    out = model_home(quick=quick)
+    if is_built(out):
         return out
     return build_demo_model(quick=quick)
 
@@ -379,15 +395,19 @@ def build_demo_mac(model_dir: Path, quick: bool = False) -> Path:
 
 
 def ensure_demo_weighter() -> Path:
-    """The demo weighting model's directory, building it (and the demo model) if missing."""
+    """The demo weighting model's directory, building it (and the demo model) if missing or
+    trained for an earlier build of the model."""
+    model = ensure_demo_model()
     out = demo_weighter_dir()
-    return out if out.is_dir() else build_demo_weighter(ensure_demo_model())
+    return out if is_current(out, model) else build_demo_weighter(model)
 
 
 def ensure_demo_mac() -> Path:
-    """The demo MAC directory, building it (and the demo model) if missing."""
+    """The demo MAC directory, building it (and the demo model) if missing or trained for an
+    earlier build of the model."""
+    model = ensure_demo_model()
     out = demo_mac_dir()
-    return out if out.is_dir() else build_demo_mac(ensure_demo_model())
+    return out if is_current(out, model) else build_demo_mac(model)
 
 
 def _world_of(model_dir: Path) -> Path:

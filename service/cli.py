@@ -71,7 +71,8 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "idle CPU cores the whole build takes about 65 minutes: the model 17 to 25, the "
         "weighting model 30 (563 meta-training steps) and the MAC networks 7 (720 steps); a few "
         "minutes in all on a GPU. "
-        "--model-only, --variant and --out build "
+        "A part already built is kept (--rebuild builds everything again), unless it is older "
+        "than the model it was trained for. --model-only, --variant and --out build "
         "the model alone; `uptake up` builds whatever its strategy and mode need when missing.",
     )
     p.add_argument(
@@ -91,28 +92,44 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-only", action="store_true", help="skip the weighting model and MAC networks"
     )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build every part again, even those already built",
+    )
     p.set_defaults(handler=_run_bootstrap)
 
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from adaptation.bootstrap import build_demo_mac, build_demo_model, build_demo_weighter
+    from adaptation import bootstrap
+    from adaptation.paths import demo_mac_dir, demo_weighter_dir
 
-    out = build_demo_model(
-        out_dir=Path(args.out) if args.out else None,
-        variant=args.variant,
-        world_dir=Path(args.world) if args.world else None,
-        quick=args.quick,
-    )
+    out = Path(args.out) if args.out else bootstrap.model_home(args.variant, args.quick)
+    if args.rebuild or not bootstrap.is_built(out):
+        world = Path(args.world) if args.world else None
+        bootstrap.build_demo_model(out, args.variant, world, quick=args.quick)
+    else:
+        print(f"{out} is already built; --rebuild builds it again")
     print((out / "README.md").read_text())
     print(out)
     if args.model_only or args.out or args.variant != "demo":
         return 0
-    weighter = build_demo_weighter(out, quick=args.quick)
-    print(f"demo CaMeLS weighting model: {weighter}")
-    mac = build_demo_mac(out, quick=args.quick)
-    print(f"demo MAC networks: {mac}")
+    parts = (
+        (
+            "demo CaMeLS weighting model",
+            demo_weighter_dir(args.quick),
+            bootstrap.build_demo_weighter,
+        ),
+        ("demo MAC networks", demo_mac_dir(args.quick), bootstrap.build_demo_mac),
+    )
+    for name, part_dir, build in parts:
+        if args.rebuild or not bootstrap.is_current(part_dir, out):
+            build(out, quick=args.quick)
+            print(f"{name}: {part_dir}")
+        else:
+            print(f"{name}: {part_dir} (already built)")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,54 @@ def test_model_only_and_other_bases_skip_the_learned_parts(
     assert (tmp_path / "demo-quick" / "config.json").is_file()
     assert (tmp_path / "elsewhere" / "config.json").is_file()
     assert not demo_weighter_dir(quick=True).exists() and not demo_mac_dir(quick=True).exists()
+
+
+def test_bootstrap_builds_only_what_is_missing_and_rebuild_renews_the_model_and_its_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorders stand in for the builders (the quick test above shows what each builds)."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    built: list[str] = []
+
+    def model(out: Path, *args: object, **kwargs: object) -> Path:
+        built.append("model")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "README.md").write_text("card")
+        return out
+
+    def part(name: str, where: Path) -> object:
+        def build(model_dir: Path, quick: bool = False) -> Path:
+            assert model_dir == tmp_path / "demo-quick" and quick
+            built.append(name)
+            shutil.rmtree(where, ignore_errors=True)  # as a build renamed into place does
+            where.mkdir(parents=True)
+            return where
+
+        return build
+
+    monkeypatch.setattr(bootstrap, "build_demo_model", model)
+    weighter_dir, mac_dir = demo_weighter_dir(quick=True), demo_mac_dir(quick=True)
+    monkeypatch.setattr(bootstrap, "build_demo_weighter", part("weighter", weighter_dir))
+    monkeypatch.setattr(bootstrap, "build_demo_mac", part("mac", mac_dir))
+    runs = [
+        ([], ["model", "weighter", "mac"]),
+        ([], []),
+        (["--model-only", "--rebuild"], ["model"]),
+        ([], ["weighter", "mac"]),  # trained for the model before: stale
+        ([], []),
+    ]
+    for extra, expected in runs:
+        built.clear()
+        assert main(["bootstrap", "--quick", *extra]) == 0
+        assert built == expected, extra
+    weighter_dir.rmdir()
+    built.clear()
+    assert main(["bootstrap", "--quick"]) == 0
+    assert built == ["weighter"]
+    built.clear()
+    assert main(["bootstrap", "--quick", "--rebuild"]) == 0
+    assert built == ["model", "weighter", "mac"]
 
 
 def test_up_builds_only_the_demo_parts_its_settings_need(
