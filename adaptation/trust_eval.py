@@ -14,10 +14,15 @@ organisations it knows), each seed drawing other people and another LoRA initial
    new, uncontested people, half under each tag. If the model learned to believe the reliable
    tag, stage-2 facts under it (D1) are taken up more than those under the other (D2). The same
    run without tags is the control, where D1 and D2 differ only by chance.
+3. **Where the bound comes from.** Trust can only scale what an update learns. For each
+   contested fact, the reliable article alone is learned by an adapter (fresh, or one that has
+   already learned other articles), then more articles, and the reliable value's win is checked
+   after each: how much one article moves the answer, and how long that lasts in a stream.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -66,6 +71,13 @@ class TrustConfig:
     iml_people: int = 60
     iml_new_people: int = 60
     iml_epochs: int = 3
+    # Experiment 3: at the configured update and at a strong one, starting fresh and after
+    # `forget_warm` articles, the win after 0 and up to `forget_after` further articles.
+    forget_items: int = 25
+    forget_warm: int = 25
+    forget_after: tuple[int, ...] = (0, 10, 25)
+    strong_lr: float = 3e-3
+    strong_steps: int = 4
     device: str | None = None
     world_seed: int = 0
 
@@ -181,6 +193,48 @@ def learned_trust_run(model_dir: str, cfg: TrustConfig, seed: int, tags: bool) -
     return {"seed": seed, "tags": tags, "d1_nll_drop": d1, "d2_nll_drop": d2, "runs": drops}
 
 
+def forgetting_run(
+    model_dir: str, cfg: TrustConfig, seed: int, lr: float, steps: int, warm: int
+) -> dict[str, object]:
+    """One seed of experiment 3: per contested fact, from the same adapter state, learn the
+    reliable article and then the stream's uncontested articles, scoring the win as they come."""
+    world = fresh_world(WorldConfig(seed=cfg.world_seed), draw=seed)
+    docs = build_conflicts(world, ConflictConfig(people=cfg.people))
+    plain = [d for d in docs if not d.meta.get("conflict")]
+    later = plain[warm : warm + max(cfg.forget_after)]
+    if len(later) < max(cfg.forget_after):
+        raise ValueError(
+            f"{len(plain)} uncontested articles cannot warm {warm} and follow with "
+            f"{max(cfg.forget_after)}: raise people or lower forget_warm / forget_after"
+        )
+    article = {d.questions[0].question: d for d in docs if d.meta.get("conflict") and d.questions}
+    method = _learner(model_dir, replace(cfg, lr=lr, steps_per_doc=steps), seed)
+    for doc in plain[:warm]:
+        method.ingest(doc)
+    adapter = {k: v.clone() for k, v in method.model.state_dict().items() if "lora_" in k}
+    updater = copy.deepcopy(method.updater.state_dict())
+    wins = dict.fromkeys(cfg.forget_after, 0.0)
+    items = conflict_items(docs)[: cfg.forget_items]
+    desc = f"forgetting seed={seed} lr={lr:g}x{steps} after {warm}"
+    for item in tqdm(items, desc=desc, leave=False):
+        method.model.load_state_dict(adapter, strict=False)
+        method.updater.load_state_dict(copy.deepcopy(updater))
+        method.ingest(article[item.question])
+        seen = 0
+        for k in cfg.forget_after:
+            for doc in later[seen:k]:
+                method.ingest(doc)
+            seen = k
+            wins[k] += trusted_win_rate(method.model, method.tokenizer, [item]) / len(items)
+    return {"seed": seed, "lr": lr, "steps": steps, "warm": warm, "win_after": wins}
+
+
+def _forgetting_cases(cfg: dict) -> list[tuple[float, int, int]]:
+    """(lr, steps, warm) of experiment 3, from a TrustConfig as a dict (as the report holds it)."""
+    rates = [(cfg["lr"], cfg["steps_per_doc"]), (cfg["strong_lr"], cfg["strong_steps"])]
+    return [(lr, steps, warm) for lr, steps in rates for warm in (0, cfg["forget_warm"])]
+
+
 def _stat(values: Sequence[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -190,7 +244,13 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def summarise(explicit: Sequence[dict], learned: Sequence[dict]) -> dict[str, object]:
+def _forgetting_key(lr: float, steps: int, warm: int, after: int) -> str:
+    return f"forget_{lr:g}x{steps}_warm{warm}_after{after}"
+
+
+def summarise(
+    explicit: Sequence[dict], learned: Sequence[dict], forgetting: Sequence[dict] = ()
+) -> dict[str, object]:
     """Means and spreads over seeds of what the acceptance asks about."""
     summary: dict[str, object] = {
         "win_rate_before": _stat([r["before_win_rate"] for r in explicit]),
@@ -209,6 +269,12 @@ def summarise(explicit: Sequence[dict], learned: Sequence[dict]) -> dict[str, ob
         rows = [r for r in learned if r["tags"] == tags]
         key = "tagged" if tags else "untagged"
         summary[f"iml_{key}_nll_gap"] = _stat([r["d1_nll_drop"] - r["d2_nll_drop"] for r in rows])
+    cases: dict[str, list[float]] = {}
+    for r in forgetting:
+        for after, win in r["win_after"].items():
+            cases.setdefault(_forgetting_key(r["lr"], r["steps"], r["warm"], int(after)), [])
+            cases[_forgetting_key(r["lr"], r["steps"], r["warm"], int(after))].append(win)
+    summary |= {key: _stat(wins) for key, wins in cases.items()}
     return summary
 
 
@@ -272,6 +338,23 @@ def trust_markdown(report: dict) -> str:
         f"| tagged | {_pm(s['iml_tagged_nll_gap'], True)} |",
         f"| untagged (control) | {_pm(s['iml_untagged_nll_gap'], True)} |",
         "",
+        "## 3. Where the bound comes from",
+        "",
+        f"For each of {cfg['forget_items']} contested facts per seed, the reliable article "
+        "alone is learned, starting from a fresh adapter or from one that has already learned "
+        f"{cfg['forget_warm']} other articles (its Adam moments included); then more of the "
+        "stream's uncontested articles. The share of those facts the reliable value wins, "
+        "after each number of further articles:",
+        "",
+        "| update | start | " + " | ".join(f"after {k}" for k in cfg["forget_after"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in cfg["forget_after"]) + " |",
+    ]
+    for lr, steps, warm in _forgetting_cases(cfg):
+        start = "fresh adapter" if warm == 0 else f"after {warm} articles"
+        cells = [_pm(s[_forgetting_key(lr, steps, warm, k)]) for k in cfg["forget_after"]]
+        lines.append(f"| lr {lr:g} × {steps} | {start} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         "![trust](trust.png)",
         "",
     ]
@@ -284,7 +367,7 @@ def plot_trust(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, curve) = plt.subplots(1, 3, figsize=(15, 4))
     explicit = report["explicit"]
     for x, name in enumerate(SETTINGS):
         rates = [r[name]["win_rate"] for r in explicit]
@@ -307,6 +390,23 @@ def plot_trust(report: dict, path: Path) -> None:
     right.set_xticks([0, 1], ["untagged (control)", "source tags"])
     right.set_ylabel("D1 − D2 gap in NLL drop")
     right.set_title("learned trust (IML)")
+    cfg, summary = report["config"], report["summary"]
+    for lr, steps, warm in _forgetting_cases(cfg):
+        wins = [summary[_forgetting_key(lr, steps, warm, k)]["mean"] for k in cfg["forget_after"]]
+        start = "fresh" if warm == 0 else f"after {warm}"
+        curve.plot(
+            cfg["forget_after"],
+            wins,
+            marker="o",
+            ls="-" if warm == 0 else "--",
+            label=f"lr {lr:g} × {steps}, {start}",
+        )
+    curve.axhline(0.8, ls=":", color="tab:green")
+    curve.set_ylim(0, 1)
+    curve.set_xlabel("articles learned after the reliable one")
+    curve.set_ylabel("reliable value wins")
+    curve.set_title("one article's effect in a stream")
+    curve.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -335,12 +435,20 @@ def run_trust(
                 f"seed {seed} {'tagged' if tags else 'untagged'}: D1 − D2 NLL-drop gap "
                 f"{g['d1_nll_drop'] - g['d2_nll_drop']:+.3f}"
             )
+    forgetting = []
+    for seed in cfg.seeds:
+        for lr, steps, warm in _forgetting_cases(asdict(cfg)):
+            f = forgetting_run(model, cfg, seed, lr, steps, warm)
+            forgetting.append(f)
+            wins = ", ".join(f"{w:.2f}" for w in f["win_after"].values())  # type: ignore[attr-defined]
+            log(f"seed {seed} lr {lr:g} × {steps} after {warm} articles: wins {wins}")
     report = {
         "model": model,
         "config": asdict(cfg),
         "explicit": explicit,
         "learned": learned,
-        "summary": summarise(explicit, learned),
+        "forgetting": forgetting,
+        "summary": summarise(explicit, learned, forgetting),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

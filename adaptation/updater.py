@@ -184,6 +184,7 @@ class OnlineUpdater:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr
+        self._recent.clear()
         self._recent.extend(state.get("recent", []))
         self.steps_applied = int(state.get("steps_applied", 0))
         self.steps_rolled_back = int(state.get("steps_rolled_back", 0))

@@ -930,12 +930,14 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "trust",
         help="measure source trust on conflicting facts, and learned trust from source tags",
-        description="Two experiments on fresh knowledge-world people (writes trust.json, "
+        description="Three experiments on fresh knowledge-world people (writes trust.json, "
         "trust.md and trust.png to --out). 1: a stream where a 'reliable' and an 'unreliable' "
         "source state some facts differently is learned with equal trust and with trust set; "
         "the share of contested facts won by the reliable value. 2 (IML): after a stage where "
         "tagged sources conflict and QA agrees with one, are new facts under that source's tag "
-        "taken up more than under the other's? With an untagged control.",
+        "taken up more than under the other's? With an untagged control. 3: how far one "
+        "article moves a contested answer, and how long that lasts as more articles are "
+        "learned, at the configured update and a strong one (lr 3e-3 × 4).",
     )
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")

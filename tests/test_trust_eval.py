@@ -7,8 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from adaptation.conflicts import (
+    ConflictConfig,
+    build_conflicts,
+    conflict_items,
+    fresh_world,
+    trusted_win_rate,
+)
 from adaptation.data import read_documents
-from adaptation.trust_eval import TrustConfig, run_trust
+from adaptation.evaluation import EvalConfig, LoraMethod
+from adaptation.trust_eval import TrustConfig, forgetting_run, run_trust
+from adaptation.weighting import make_weighter
+from adaptation.world import WorldConfig
 
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -31,6 +43,9 @@ def test_trust_report_and_zero_trust_learns_nothing(quick_home: Path, tmp_path: 
         iml_people=2,
         iml_new_people=2,
         iml_epochs=1,
+        forget_items=2,
+        forget_warm=1,
+        forget_after=(0, 2),
     )
     report = run_trust(quick_home / "demo-quick", tmp_path, cfg, log=lambda _: None)
     run = report["explicit"][0]
@@ -39,10 +54,28 @@ def test_trust_report_and_zero_trust_learns_nothing(quick_home: Path, tmp_path: 
     assert run["trusted"]["uncontested"] == run["before"]
     assert run["equal"]["uncontested"] != run["before"], "with trust 1 the stream is learned"
     assert {r["tags"] for r in report["learned"]} == {True, False}
+    cases = {(r["lr"], r["steps"], r["warm"]) for r in report["forgetting"]}
+    assert cases == {(1e-2, 2, 0), (1e-2, 2, 1), (3e-3, 4, 0), (3e-3, 4, 1)}
     md = (tmp_path / "trust.md").read_text()
     assert "| equal (1.0 / 1.0) |" in md and "| tagged |" in md
+    assert "| lr 0.003 × 4 | after 1 articles |" in md
     assert (tmp_path / "trust.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "trust.json").read_text())["summary"]["win_rate_trusted"]
+
+
+def test_forgetting_starts_every_fact_from_the_same_adapter(quick_home: Path) -> None:
+    """With a learning rate too small to move anything, the win after any number of articles is
+    the base's on the same facts: each fact counts once, and the warm-up and later articles come
+    from the uncontested ones."""
+    cfg = TrustConfig(people=12, forget_items=6, forget_warm=2, forget_after=(0, 3))
+    model = str(quick_home / "demo-quick")
+    run = forgetting_run(model, cfg, seed=0, lr=1e-12, steps=1, warm=2)
+    items = conflict_items(build_conflicts(fresh_world(WorldConfig()), ConflictConfig(people=12)))
+    base = LoraMethod(model, make_weighter("uniform"), EvalConfig(), 1e-12, 0)
+    expected = trusted_win_rate(base.model, base.tokenizer, items[:6])
+    assert run["win_after"] == pytest.approx({0: expected, 3: expected})
+    with pytest.raises(ValueError, match="cannot warm 5 and follow with 3"):
+        forgetting_run(model, cfg, seed=0, lr=1e-3, steps=1, warm=5)
 
 
 def test_trust_cli_rejects_a_weight_outside_0_1(tmp_path: Path) -> None:

@@ -93,3 +93,18 @@ def test_overlong_prompts_are_cut_to_the_window(tiny_family_dir) -> None:
         model, tok, ["Where was Alda Venn born?"], contexts=[context], max_new_tokens=4
     )
     assert len(out) == 1
+
+
+def test_loading_a_state_returns_the_updater_to_it(tiny_model_dir) -> None:
+    """Loading replaces what the updater has seen since, so a stream can be rewound (the trust
+    experiment rewinds one per fact) and not only resumed."""
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    upd = OnlineUpdater(attach_lora(model, LoraSettings(rank=4)), UpdateConfig(lr=1e-3))
+    for text in ("Alda Venn was born in Marrow Bay.", "Port Selka is mild.", "42 said so."):
+        upd.apply([_doc(tok, text)])
+    saved = upd.state_dict()
+    for text in ("Tova Renn left Gale Works.", "Omar Quill is a pilot."):
+        upd.apply([_doc(tok, text)])
+    upd.load_state_dict(saved)
+    assert upd.state_dict()["recent"] == saved["recent"]
+    assert upd.typical_loss is None and upd.steps_applied == 3
