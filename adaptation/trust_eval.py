@@ -215,6 +215,7 @@ def forgetting_run(
     updater = copy.deepcopy(method.updater.state_dict())
     wins = dict.fromkeys(cfg.forget_after, 0.0)
     items = conflict_items(docs)[: cfg.forget_items]
+    before = trusted_win_rate(method.model, method.tokenizer, items)
     desc = f"forgetting seed={seed} lr={lr:g}x{steps} after {warm}"
     for item in tqdm(items, desc=desc, leave=False):
         method.model.load_state_dict(adapter, strict=False)
@@ -226,7 +227,14 @@ def forgetting_run(
                 method.ingest(doc)
             seen = k
             wins[k] += trusted_win_rate(method.model, method.tokenizer, [item]) / len(items)
-    return {"seed": seed, "lr": lr, "steps": steps, "warm": warm, "win_after": wins}
+    return {
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "warm": warm,
+        "win_before": before,
+        "win_after": wins,
+    }
 
 
 def _forgetting_cases(cfg: dict) -> list[tuple[float, int, int]]:
@@ -244,7 +252,7 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _forgetting_key(lr: float, steps: int, warm: int, after: int) -> str:
+def _forgetting_key(lr: float, steps: int, warm: int, after: int | str) -> str:
     return f"forget_{lr:g}x{steps}_warm{warm}_after{after}"
 
 
@@ -271,9 +279,9 @@ def summarise(
         summary[f"iml_{key}_nll_gap"] = _stat([r["d1_nll_drop"] - r["d2_nll_drop"] for r in rows])
     cases: dict[str, list[float]] = {}
     for r in forgetting:
-        for after, win in r["win_after"].items():
-            cases.setdefault(_forgetting_key(r["lr"], r["steps"], r["warm"], int(after)), [])
-            cases[_forgetting_key(r["lr"], r["steps"], r["warm"], int(after))].append(win)
+        for after, win in [("before", r["win_before"]), *r["win_after"].items()]:
+            key = _forgetting_key(r["lr"], r["steps"], r["warm"], after)
+            cases.setdefault(key, []).append(win)
     summary |= {key: _stat(wins) for key, wins in cases.items()}
     return summary
 
@@ -343,15 +351,19 @@ def trust_markdown(report: dict) -> str:
         f"For each of {cfg['forget_items']} contested facts per seed, the reliable article "
         "alone is learned, starting from a fresh adapter or from one that has already learned "
         f"{cfg['forget_warm']} other articles (its Adam moments included); then more of the "
-        "stream's uncontested articles. The share of those facts the reliable value wins, "
-        "after each number of further articles:",
+        "stream's uncontested articles. The share of those facts the reliable value wins "
+        "before its article, and after it and each number of further articles. Trust only "
+        "scales an update down, so what the reliable article alone achieves bounds it:",
         "",
-        "| update | start | " + " | ".join(f"after {k}" for k in cfg["forget_after"]) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in cfg["forget_after"]) + " |",
+        "| update | start | before | "
+        + " | ".join(f"after {k}" for k in cfg["forget_after"])
+        + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in cfg["forget_after"]) + " |",
     ]
     for lr, steps, warm in _forgetting_cases(cfg):
         start = "fresh adapter" if warm == 0 else f"after {warm} articles"
-        cells = [_pm(s[_forgetting_key(lr, steps, warm, k)]) for k in cfg["forget_after"]]
+        columns = ("before", *cfg["forget_after"])
+        cells = [_pm(s[_forgetting_key(lr, steps, warm, k)]) for k in columns]
         lines.append(f"| lr {lr:g} × {steps} | {start} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -73,6 +73,7 @@ def test_forgetting_starts_every_fact_from_the_same_adapter(quick_home: Path) ->
     items = conflict_items(build_conflicts(fresh_world(WorldConfig()), ConflictConfig(people=12)))
     base = LoraMethod(model, make_weighter("uniform"), EvalConfig(), 1e-12, 0)
     expected = trusted_win_rate(base.model, base.tokenizer, items[:6])
+    assert run["win_before"] == pytest.approx(expected)
     assert run["win_after"] == pytest.approx({0: expected, 3: expected})
     with pytest.raises(ValueError, match="cannot warm 5 and follow with 3"):
         forgetting_run(model, cfg, seed=0, lr=1e-3, steps=1, warm=5)
