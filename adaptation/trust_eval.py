@@ -81,6 +81,19 @@ class TrustConfig:
     device: str | None = None
     world_seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Fail before the first experiment, not after two of them have run."""
+        if not self.forget_after or list(self.forget_after) != sorted(set(self.forget_after)):
+            raise ValueError(f"forget_after must rise, got {self.forget_after}")
+        uncontested = self.people - round(self.people * ConflictConfig().conflict_fraction)
+        needed = self.forget_warm + max(self.forget_after)
+        if uncontested < needed:
+            raise ValueError(
+                f"{self.people} people give {uncontested} uncontested articles; experiment 3 "
+                f"learns {needed} ({self.forget_warm} before a fact and {max(self.forget_after)} "
+                f"after it): use at least {2 * needed} people"
+            )
+
 
 def _learner(model_dir: str, cfg: TrustConfig, seed: int, **options: object) -> LoraMethod:
     eval_cfg = EvalConfig(

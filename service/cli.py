@@ -966,10 +966,11 @@ def _run_trust(args: argparse.Namespace) -> int:
         for name in ("trusted", "distrusted"):
             if name in given:
                 given[name] = check_weight(given[name], f"--{name}")
+        cfg = TrustConfig(**given)
     except ValueError as err:
         print(f"uptake trust: {err}", file=sys.stderr)
         return 2
-    report = run_trust(args.model or str(ensure_demo_model()), args.out, TrustConfig(**given))
+    report = run_trust(args.model or str(ensure_demo_model()), args.out, cfg)
     print(trust_markdown(report))
     return 0
 

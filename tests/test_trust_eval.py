@@ -85,6 +85,14 @@ def test_trust_cli_rejects_a_weight_outside_0_1(tmp_path: Path) -> None:
     assert "--distrusted must be in [0, 1]" in out.stderr
 
 
+def test_trust_cli_rejects_too_few_people_before_running_anything(tmp_path: Path) -> None:
+    out = _cli("trust", "--out", str(tmp_path / "runs"), "--people", "40", home=tmp_path)
+    assert out.returncode == 2
+    assert "40 people give 20 uncontested articles" in out.stderr
+    assert "use at least 100 people" in out.stderr
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "runs").exists()
+
+
 def test_eval_cli_rejects_a_malformed_trust(tmp_path: Path) -> None:
     out = _cli("eval", "--data", "x", "--out", str(tmp_path), "--trust", "web", home=tmp_path)
     assert out.returncode == 2 and "expected SOURCE=WEIGHT" in out.stderr
