@@ -9,7 +9,6 @@ on them as well, so the probe score can be checked against what it stands in for
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from adaptation.self_edit import (
     sample_generations,
     self_edit_prompt,
 )
-from adaptation.updater import OnlineUpdater, StepReport
+from adaptation.updater import OnlineUpdater, StepReport, UpdaterSnapshot
 from adaptation.weighting.base import Weighter
 
 Scoring = Literal["f1", "nll"]
@@ -129,27 +128,6 @@ class BestOfK:
         return out
 
 
-@dataclass
-class _Snapshot:
-    params: list[torch.Tensor]
-    optimizer: dict[str, Any]
-
-
-def _snapshot(updater: OnlineUpdater) -> _Snapshot:
-    return _Snapshot(
-        params=[p.detach().clone() for p in updater.params],
-        optimizer=copy.deepcopy(updater.optimizer.state_dict()),
-    )
-
-
-def _restore(updater: OnlineUpdater, snap: _Snapshot) -> None:
-    with torch.no_grad():
-        for p, saved in zip(updater.params, snap.params, strict=True):
-            p.copy_(saved)
-    # load_state_dict may keep references to the given tensors; later steps must not touch snap.
-    updater.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
-
-
 def best_of_k(
     updater: OnlineUpdater,
     tokenizer: PreTrainedTokenizerBase,
@@ -167,23 +145,23 @@ def best_of_k(
     if not candidates:
         raise ValueError("best-of-k needs at least one candidate set of training sequences")
     model = updater.model
-    start = _snapshot(updater)
-    ends: list[_Snapshot] = []
+    start = updater.snapshot()
+    ends: list[UpdaterSnapshot] = []
     probe_scores: list[ProbeScore] = []
     gold_scores: list[ProbeScore] = []
     reports: list[list[StepReport]] = []
     for i, sequences in enumerate(candidates):
         if i:
-            _restore(updater, start)
+            updater.restore(start)
         reports.append(
             apply_with_self_edits(updater, tokenizer, weighter, sequences, batch_size, trust)
         )
         probe_scores.append(probe_score(model, tokenizer, probes, max_new_tokens))
         if gold is not None:
             gold_scores.append(probe_score(model, tokenizer, gold, max_new_tokens))
-        ends.append(_snapshot(updater))
+        ends.append(updater.snapshot())
     chosen = max(range(len(candidates)), key=lambda i: probe_scores[i].key(scoring))
-    _restore(updater, ends[chosen])
+    updater.restore(ends[chosen])
     return BestOfK(probe_scores, chosen, reports, gold_scores if gold is not None else None)
 
 

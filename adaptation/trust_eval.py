@@ -22,7 +22,6 @@ organisations it knows), each seed drawing other people and another LoRA initial
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -224,15 +223,13 @@ def forgetting_run(
     method = _learner(model_dir, replace(cfg, lr=lr, steps_per_doc=steps), seed)
     for doc in plain[:warm]:
         method.ingest(doc)
-    adapter = {k: v.clone() for k, v in method.model.state_dict().items() if "lora_" in k}
-    updater = copy.deepcopy(method.updater.state_dict())
+    start = method.updater.snapshot()
     wins = dict.fromkeys(cfg.forget_after, 0.0)
     items = conflict_items(docs)[: cfg.forget_items]
     before = trusted_win_rate(method.model, method.tokenizer, items)
     desc = f"forgetting seed={seed} lr={lr:g}x{steps} after {warm}"
     for item in tqdm(items, desc=desc, leave=False):
-        method.model.load_state_dict(adapter, strict=False)
-        method.updater.load_state_dict(copy.deepcopy(updater))
+        method.updater.restore(start)
         method.ingest(article[item.question])
         seen = 0
         for k in cfg.forget_after:

@@ -82,6 +82,12 @@ class StepReport:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class UpdaterSnapshot:
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+
+
 class OnlineUpdater:
     """Takes weighted gradient steps on the trainable (LoRA) parameters of `model`."""
 
@@ -133,14 +139,10 @@ class OnlineUpdater:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
             if not math.isfinite(float(grad_norm)):
                 return self._reject(value, "non-finite gradient")
-            backup = [p.detach().clone() for p in self.params]
-            opt_backup = copy.deepcopy(self.optimizer.state_dict())
+            backup = self.snapshot()
             self.optimizer.step()
             if not all(torch.isfinite(p).all() for p in self.params):
-                with torch.no_grad():
-                    for p, b in zip(self.params, backup, strict=True):
-                        p.copy_(b)
-                self.optimizer.load_state_dict(opt_backup)
+                self.restore(backup)
                 return self._reject(value, "step produced non-finite weights")
             if record:
                 self._recent.append(value)
@@ -149,6 +151,23 @@ class OnlineUpdater:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             self.model.train(was_training)
+
+    def snapshot(self) -> UpdaterSnapshot:
+        """A copy of the adapter's weights and the optimizer's moments to come back to, for a
+        step undone or for several updates tried from the same state."""
+        return UpdaterSnapshot(
+            params=[p.detach().clone() for p in self.params],
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+        )
+
+    def restore(self, snap: UpdaterSnapshot) -> None:
+        """Back to `snap`; it stays valid for another restore. The explosion check's record of
+        recent losses and the step counters are not rewound."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, snap.params, strict=True):
+                p.copy_(saved)
+        # load_state_dict may keep references to the given tensors; later steps must not touch snap.
+        self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
 
     @property
     def typical_loss(self) -> float | None:

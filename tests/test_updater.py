@@ -96,8 +96,8 @@ def test_overlong_prompts_are_cut_to_the_window(tiny_family_dir) -> None:
 
 
 def test_loading_a_state_returns_the_updater_to_it(tiny_model_dir) -> None:
-    """Loading replaces what the updater has seen since, so a stream can be rewound (the trust
-    experiment rewinds one per fact) and not only resumed."""
+    """Loading replaces what the updater has seen since, so a saved stream state can be
+    returned to and not only resumed."""
     model, tok = load_base(tiny_model_dir, device="cpu")
     upd = OnlineUpdater(attach_lora(model, LoraSettings(rank=4)), UpdateConfig(lr=1e-3))
     for text in ("Alda Venn was born in Marrow Bay.", "Port Selka is mild.", "42 said so."):
