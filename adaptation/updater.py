@@ -86,6 +86,9 @@ class StepReport:
 class UpdaterSnapshot:
     params: list[torch.Tensor]
     optimizer: dict[str, Any]
+    recent: tuple[float, ...]
+    steps_applied: int
+    steps_rolled_back: int
 
 
 class OnlineUpdater:
@@ -153,21 +156,27 @@ class OnlineUpdater:
             self.model.train(was_training)
 
     def snapshot(self) -> UpdaterSnapshot:
-        """A copy of the adapter's weights and the optimizer's moments to come back to, for a
-        step undone or for several updates tried from the same state."""
+        """Everything a step changes, to come back to: for a step undone, or for several updates
+        tried from the same state, of which only the one kept should count."""
         return UpdaterSnapshot(
             params=[p.detach().clone() for p in self.params],
             optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            recent=tuple(self._recent),
+            steps_applied=self.steps_applied,
+            steps_rolled_back=self.steps_rolled_back,
         )
 
     def restore(self, snap: UpdaterSnapshot) -> None:
-        """Back to `snap`; it stays valid for another restore. The explosion check's record of
-        recent losses and the step counters are not rewound."""
+        """Back to `snap`, as if nothing since had happened; it stays valid for another restore."""
         with torch.no_grad():
             for p, saved in zip(self.params, snap.params, strict=True):
                 p.copy_(saved)
         # load_state_dict may keep references to the given tensors; later steps must not touch snap.
         self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        self._recent.clear()
+        self._recent.extend(snap.recent)
+        self.steps_applied = snap.steps_applied
+        self.steps_rolled_back = snap.steps_rolled_back
 
     @property
     def typical_loss(self) -> float | None:

@@ -67,6 +67,19 @@ def test_candidates_start_from_the_same_state(tiny_model_dir: Path) -> None:
         best_of_k(updater, tok, UniformWeighter(), [ON_TOPIC], probes=[QA("Why?", ())])
 
 
+def test_only_the_kept_candidate_counts_in_the_updaters_record(tiny_model_dir: Path) -> None:
+    """The losers' steps are undone, so they must not count as applied nor set the yardstick the
+    explosion check holds the next document to."""
+    updater, tok = _updater(tiny_model_dir)
+    applied, recent = updater.steps_applied, updater.state_dict()["recent"]
+    result = best_of_k(
+        updater, tok, UniformWeighter(), [OFF_TOPIC, ON_TOPIC, OFF_TOPIC], probes=[PROBE]
+    )
+    kept = result.reports[result.chosen]
+    assert updater.steps_applied == applied + len(kept)
+    assert updater.state_dict()["recent"] == [*recent, kept[0].loss]
+
+
 def test_answer_nll_scores_each_pair_alone(tiny_model_dir: Path) -> None:
     model, tok = load_base(tiny_model_dir, device="cpu")
     pairs = [("Where was Alda Venn born?", "Marrow Bay"), ("Who?", "Quillon Works as an engineer")]
