@@ -992,7 +992,10 @@ def _add_forget_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--docs", type=int, default=20, help="how many documents to ingest")
     p.add_argument(
-        "--lr", type=float, default=2e-3, help="(default: uniform's best in uptake eval's sweep)"
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="update learning rate (default: 2e-3, uniform's best swept rate on the demo model)",
     )
     p.add_argument("--steps", type=int, default=1, help="update steps per document")
     p.add_argument(
