@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -115,17 +115,6 @@ class BestOfK:
     chosen: int
     reports: list[list[StepReport]]
     gold: list[ProbeScore] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "chosen": self.chosen,
-            "probe_f1": [s.f1 for s in self.probe],
-            "probe_nll": [s.nll for s in self.probe],
-        }
-        if self.gold is not None:
-            out["gold_f1"] = [s.f1 for s in self.gold]
-            out["gold_nll"] = [s.nll for s in self.gold]
-        return out
 
 
 def best_of_k(

@@ -342,12 +342,10 @@ def _model_card(card: dict) -> str:
     )
 
 
-def ensure_demo_model(quick: bool = False) -> Path:
+def ensure_demo_model() -> Path:
     """The demo model's directory, building it first if it is not there yet."""
-    out = model_home(quick=quick)
-    if is_built(out):
-        return out
-    return build_demo_model(quick=quick)
+    out = model_home()
+    return out if is_built(out) else build_demo_model()
 
 
 # The demo weighting model's meta-training: through the worker's own update (clipped AdamW at the

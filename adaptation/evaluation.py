@@ -25,6 +25,7 @@ from adaptation.best_of_k import BestOfK, best_of_k, correlation, generate_probe
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.metrics import score
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, load_base
+from adaptation.retrieval import Retriever, as_context
 from adaptation.trust import SourceTrust, apply_trusted, tag_text
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import Weighter, encode_weighted, make_weighter
@@ -247,8 +248,6 @@ class RagMethod(BaseMethod):
     name = "rag"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        from adaptation.retrieval import Retriever
-
         super().__init__(model_dir, cfg)
         self.retriever = Retriever()
         self.k = cfg.rag_k
@@ -260,9 +259,7 @@ class RagMethod(BaseMethod):
         return self.retriever.nbytes
 
     def answer(self, questions: Sequence[str]) -> list[str]:
-        contexts = [
-            "\n".join(text for _, text, _ in self.retriever.search(q, self.k)) for q in questions
-        ]
+        contexts = [as_context(self.retriever.search(q, self.k)) for q in questions]
         return generate_answers(
             self.model,
             self.tokenizer,
@@ -301,8 +298,6 @@ class MacRagMethod(MacMethod):
     name = "mac+rag"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        from adaptation.retrieval import Retriever
-
         super().__init__(model_dir, cfg)
         self.retriever = Retriever()
         self.k = cfg.rag_k
@@ -315,7 +310,7 @@ class MacRagMethod(MacMethod):
         hits = [self.retriever.search(q, self.k) for q in questions]
         return self.system.answer(
             questions,
-            contexts=["\n".join(text for _, text, _ in h) for h in hits],
+            contexts=[as_context(h) for h in hits],
             doc_ids=[[doc_id for doc_id, _, _ in h] for h in hits],
             max_new_tokens=self.max_new_tokens,
         )

@@ -154,8 +154,6 @@ def paraphrase(doc: Document, k: int = 1, seed: int = 0, qa: bool = True) -> lis
     return edits
 
 
-def with_paraphrases(
-    docs: Sequence[Document], k: int = 1, seed: int = 0, qa: bool = True
-) -> list[Document]:
+def with_paraphrases(docs: Sequence[Document], k: int = 1, seed: int = 0) -> list[Document]:
     """The documents with their `self_edits` set to the paraphraser's output."""
-    return [dataclasses.replace(d, self_edits=tuple(paraphrase(d, k, seed, qa))) for d in docs]
+    return [dataclasses.replace(d, self_edits=tuple(paraphrase(d, k, seed))) for d in docs]

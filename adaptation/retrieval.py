@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,8 @@ class Retriever:
                 for s, i in zip(top.values.tolist(), top.indices.tolist())
             ]
 
-    def context(self, query: str, k: int = 3) -> str:
-        """The top-k texts joined into one context for qa_prompt / generate_answers."""
-        return "\n\n".join(text for _, text, _ in self.search(query, k))
+
+def as_context(hits: Sequence[tuple[str, str, float]]) -> str:
+    """Search hits as one context, best first, one line apart: the layout the demo model's
+    in-context pretraining used."""
+    return "\n".join(text for _, text, _ in hits)

@@ -386,11 +386,10 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        client: redis.Redis | None = None,
         weighter: Weighter | None = None,
     ) -> None:
         self.settings = settings
-        self.redis = client if client is not None else connect(settings)
+        self.redis = connect(settings)
         self.keys = Keys(settings.redis_prefix)
         self.queue = Queue(self.redis, self.keys)
         self.docs = DocumentStore(self.redis, self.keys)

@@ -50,7 +50,6 @@ def test_best_of_k_keeps_the_candidate_that_answers_the_probes(tiny_model_dir: P
     # the model is left in the chosen candidate's state
     assert probe_score(updater.model, tok, [PROBE]).nll == pytest.approx(result.probe[1].nll)
     assert any(not torch.equal(p, s) for p, s in zip(updater.params, start))
-    assert set(result.to_json()) == {"chosen", "probe_f1", "probe_nll", "gold_f1", "gold_nll"}
 
 
 def test_candidates_start_from_the_same_state(tiny_model_dir: Path) -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from adaptation.retrieval import Retriever, load_encoder
+from adaptation.retrieval import Retriever, as_context, load_encoder
 
 DOCS = [
     ("venn", "Alda Venn was born in Marrow Bay and works for Quillon Works as an engineer."),
@@ -53,6 +53,9 @@ def test_k_and_replacement() -> None:
     r.add("a", "Zebras graze on the savanna.")  # re-adding an id replaces its text
     assert len(r) == 2 and "a" in r
     assert r.search("zebra", k=1)[0][:2] == ("a", "Zebras graze on the savanna.")
-    assert r.context("engines", k=1) == "Quillon Works builds engines."
+    assert as_context(r.search("engines", k=2)).split("\n") == [
+        "Quillon Works builds engines.",
+        "Zebras graze on the savanna.",
+    ]
     with pytest.raises(ValueError, match="k must be at least 1"):
         r.search("x", k=0)

@@ -71,7 +71,8 @@ class MacSystem:
         tokenizer: PreTrainedTokenizerBase,
         config: MacConfig | None = None,
     ) -> MacSystem:
-        """Untrained networks sized for the base (training starts here)."""
+        """Untrained networks sized for the base, for tests and for trying the plumbing before
+        training (`uptake meta-train mac` builds its networks from its own config)."""
         config = config or MacConfig.for_base(base_model)
         return cls(MacNetworks(config), base_model, tokenizer)
 
