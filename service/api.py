@@ -26,6 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -165,6 +166,22 @@ Admin = Annotated[Access, _requires("admin")]
 Tracker = Annotated[Access, _requires("read", "write", "admin")]
 NamespacePath = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
 DocIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+class _AnyText(Convertor[str]):
+    """Starlette's `path` convertor stops at a line break, and a document's `source` may hold
+    one: this one matches every character, so every source a document can carry is addressable."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyText())
 SourcePath = Annotated[
     str,
     Path(
@@ -367,7 +384,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _sources(services(request), namespace)
 
     @app.put(
-        "/v1/namespaces/{namespace}/sources/{source:path}",
+        "/v1/namespaces/{namespace}/sources/{source:anytext}",
         response_model=SourcesOut,
         responses=_problems(*GUARDED, 503),
         summary="Set how strongly a source's documents are learned, from the next document the "
@@ -386,7 +403,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _sources(s, namespace)
 
     @app.delete(
-        "/v1/namespaces/{namespace}/sources/{source:path}",
+        "/v1/namespaces/{namespace}/sources/{source:anytext}",
         response_model=SourcesOut,
         responses=_problems(*GUARDED, 503),
         summary="Give a source the namespace's default trust again",

@@ -168,6 +168,9 @@ def test_source_trust_is_set_listed_validated_and_reset(lora: Stack) -> None:
         assert response.status_code == 422, (body, response.text)
         assert "trust" in response.text or "weight" in response.text, (body, response.text)
     assert lora.http.put(sources_path(ns, " "), json={"trust": 0.5}).status_code == 422
+    broken = "wire\nline 2"  # a document's source may hold a line break; it stays addressable
+    assert set_trust(lora, ns, broken, 0.3)["sources"][broken] == 0.3
+    assert broken not in lora.http.delete(sources_path(ns, broken)).json()["sources"]
 
     for value in (True, 2, -1, "0.5"):
         response = lora.http.put(f"/v1/namespaces/{ns}", json={"default_trust": value})
