@@ -188,7 +188,7 @@ SourcePath = Annotated[
         min_length=1,
         max_length=2048,
         pattern=r"\S",
-        description="a document `source`, as sent (URL-encoded; it may hold slashes)",
+        description="a document `source`, as sent (URL-encoded; it may hold slashes and line breaks)",
     ),
 ]
 GUARDED = (401, 403, 429)
