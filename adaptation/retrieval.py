@@ -110,6 +110,5 @@ class Retriever:
 
 
 def as_context(hits: Sequence[tuple[str, str, float]]) -> str:
-    """Search hits as one context, best first, one line apart: the layout the demo model's
-    in-context pretraining used."""
+    """Search hits as one context, best first (`qa_prompt` folds the whitespace between them)."""
     return "\n".join(text for _, text, _ in hits)

@@ -26,7 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.convertors import Convertor, register_url_convertor
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -168,17 +168,11 @@ NamespacePath = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
 DocIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-class _AnyText(Convertor[str]):
+class _AnyText(PathConvertor):
     """Starlette's `path` convertor stops at a line break, and a document's `source` may hold
     one: this one matches every character, so every source a document can carry is addressable."""
 
     regex = r"[\s\S]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
 
 
 register_url_convertor("anytext", _AnyText())
