@@ -598,11 +598,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for option in models["NamespaceConfig"]["properties"][field_name]["anyOf"]:
                     if "enum" in option:
                         option["enum"] = allowed
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    # uvicorn answers a malformed request (a bad Content-Length, say) itself.
+                    operation["responses"].setdefault(
+                        "400", {"description": "malformed HTTP request, refused by the server"}
+                    )
+                    if not settings.auth:
+                        operation.pop("security", None)
             if not settings.auth:
                 schema["components"].pop("securitySchemes", None)
-                for operations in schema["paths"].values():
-                    for operation in operations.values():
-                        operation.pop("security", None)
             app.openapi_schema = schema
         return app.openapi_schema
 
