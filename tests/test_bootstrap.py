@@ -5,20 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from adaptation import bootstrap
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir
-from adaptation.prompts import ANSWER_END
+from adaptation.prompts import ANSWER_END, answer_batch
 from adaptation.weighting.camels import CamelsWeighter
 from service.cli import main
 from service.settings import Settings
 from service.supervisor import ensure_demo_parts
+from tests.conftest import tiny_model
 
 
 def test_quick_bootstrap_builds_the_model_its_weighting_model_and_its_mac_networks(
@@ -146,3 +149,30 @@ def test_reading_lessons_ask_about_fresh_newcomers_each_epoch_with_the_answer_in
     assert not asked[0] & asked[1] and not asked[1] & asked[2]  # a new share every epoch
     no_reading = bootstrap._reading_lessons(bootstrap.SPECS["demo"], tok)
     assert no_reading == [[] for _ in range(bootstrap.SPECS["demo"].epochs)]
+
+
+def test_a_batch_split_into_passes_by_length_trains_as_one_pass() -> None:
+    seqs = [
+        ([5 + i % 7] * length, length // 3) for i, length in enumerate([20, 200, 24, 210, 18, 190])
+    ]
+    passes = bootstrap._passes(seqs)
+    assert len(passes) > 1  # short and long apart: less padding
+    assert sorted(s for p in passes for s in p) == sorted(seqs)
+
+    def gradient(step: Callable[[torch.nn.Module], float]) -> tuple[float, torch.Tensor]:
+        model = tiny_model("llama", vocab_size=32)
+        loss = step(model)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def one_pass(model: torch.nn.Module) -> float:
+        ids, labels, mask = answer_batch(seqs, pad_id=0)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.item()
+
+    loss, grad = gradient(one_pass)
+    split_loss, split_grad = gradient(
+        lambda m: bootstrap._train_step(m, seqs, 0, torch.device("cpu"))
+    )
+    assert split_loss == pytest.approx(loss, rel=1e-5)
+    assert torch.allclose(split_grad, grad, rtol=1e-4, atol=1e-7)
