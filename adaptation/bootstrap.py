@@ -237,6 +237,24 @@ def evaluate_qa(
     return score(preds, [q.answers for q, _ in asked])
 
 
+def untrained_model(spec: DemoSpec, tok: PreTrainedTokenizerBase) -> LlamaForCausalLM:
+    """The spec's Llama, randomly initialised, for `tok`'s vocabulary."""
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_len * 4,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
 def model_home(variant: str = "demo", quick: bool = False) -> Path:
     """Where `uptake bootstrap` keeps a base when no --out is given."""
     if variant == "demo" and not quick:
@@ -287,21 +305,8 @@ def build_demo_model(
         [d.text for d in pretrain] + [q.question for q in all_questions(pretrain)],
         vocab_size=spec.vocab_size,
     )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
-        max_position_embeddings=spec.max_len * 4,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
     device = default_device()
-    model = LlamaForCausalLM(config).to(device)
+    model = untrained_model(spec, tok).to(device)
     doc_ids = _encode_docs(pretrain, tok, spec.max_len)
     qa = _encode_qa(pretrain, tok, rng, spec.context_share)
     lessons = _reading_lessons(spec, tok)

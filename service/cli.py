@@ -68,7 +68,7 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "(default ~/.cache/uptake), then meta-trains for it the demo CaMeLS weighting model "
         "(UPTAKE_HOME/camels, for UPTAKE_STRATEGY=camels) and the demo MAC networks "
         "(UPTAKE_HOME/mac, for UPTAKE_MODE=mac) on the world's meta-train stream. On 2 otherwise "
-        "idle CPU cores the whole build takes about 65 minutes: the model 16 to 25, the "
+        "idle CPU cores the whole build takes about 50 minutes: the model 12, the "
         "weighting model 30 (563 meta-training steps) and the MAC networks 7 (720 steps); a few "
         "minutes in all on a GPU. "
         "A part already built is kept (--rebuild builds everything again), unless it is older "
