@@ -18,7 +18,9 @@ Handler = Callable[[argparse.Namespace], int | None]
 def _add_world(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("world", help="generate the knowledge world (deterministic per seed)")
     p.add_argument("--out", required=True, help="directory for the split JSONL files")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, same world (default: %(default)s)"
+    )
     p.add_argument("--people", type=int, default=None, help="pretrain people (default: world's)")
     p.add_argument(
         "--conflicts",
@@ -152,7 +154,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "(seal trains on the document plus its self-edits: supplied ones, or the template "
         "paraphraser's for a world article; seal-best keeps the best of --best-of-k)",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--out", required=True, help="directory for report.json, report.md and the plots"
+    )
     p.add_argument(
         "--retention",
         default=None,
@@ -161,10 +165,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N documents")
     p.add_argument("--seed", type=int, default=None, help="one seed (shortcut for --seeds)")
     p.add_argument("--seeds", type=_ints, default=(0,), help="comma list of seeds, e.g. 0,1,2")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps-per-doc", type=int, default=1)
-    p.add_argument("--normalisation", default="tokens", choices=["tokens", "weights", "fixed"])
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="LoRA learning rate, unless swept (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps-per-doc",
+        type=int,
+        default=1,
+        help="gradient steps on each document, unless swept (default: %(default)s)",
+    )
+    p.add_argument(
+        "--normalisation",
+        default="tokens",
+        choices=["tokens", "weights", "fixed"],
+        help="divide the weighted loss by the token count, the sum of weights, or a fixed "
+        "1,024 (default: %(default)s)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     p.add_argument(
         "--lora-targets",
         type=_names,
@@ -186,7 +206,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="comma list of steps per document to sweep with each rate (default: --steps-per-doc)",
     )
     p.add_argument("--val", default=None, help="validation stream for the sweep")
-    p.add_argument("--retention-floor", type=float, default=0.9)
+    p.add_argument(
+        "--retention-floor",
+        type=float,
+        default=0.9,
+        help="the sweep keeps only settings whose retention is at least this (default: %(default)s)",
+    )
     p.add_argument("--weighter", default=None, help="CaMeLS weighting model dir (for camels)")
     p.add_argument("--mac", default=None, help="trained MAC dir (for mac, mac+rag)")
     p.add_argument("--checkpoints", type=int, default=5, help="points on the uptake curve")
@@ -332,7 +357,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         choices=["tokens", "weights", "fixed"],
         help="inner loss normalisation",
     )
-    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None, help="rank of the base's LoRA adapter")
     p.add_argument("--hidden", type=int, default=None, help="weighting model width")
     p.add_argument("--layers", type=int, default=None, help="weighting model layers")
     p.add_argument(
@@ -341,7 +366,7 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         help="the weighting model's own tokenizer directory (default: the base's)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for episodes and initialisation")
     p.set_defaults(handler=_run_meta_train_camels)
 
 
@@ -420,7 +445,7 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
         "adaptation.mac.training.MacTrainConfig (or its QUICK settings with --quick).",
     )
     _meta_train_data_flags(p, "directory for the MAC system", "a tiny smoke run (under 2 minutes)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training documents")
     p.add_argument("--batch-docs", type=int, default=None, help="documents per step (the memory)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     p.add_argument(
@@ -438,14 +463,16 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
         default=None,
         help="stop training after this long (a short F1 evaluation follows)",
     )
-    p.add_argument("--max-train-docs", type=int, default=None)
+    p.add_argument(
+        "--max-train-docs", type=int, default=None, help="train on the first N documents only"
+    )
     p.add_argument(
         "--eval-questions",
         type=int,
         default=None,
         help="validation questions answered at the end for F1 (0: skip)",
     )
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for batches and initialisation")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.set_defaults(handler=_run_meta_train_mac)
 
@@ -941,7 +968,7 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
         "article moves a contested answer, and how long that lasts as more articles are "
         "learned, at the configured update and a strong one (lr 3e-3 × 4).",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory for trust.json, trust.md and trust.png")
     p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")
     p.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
     p.add_argument("--people", type=int, default=None, help="people per seed, experiment 1 (100)")

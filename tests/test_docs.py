@@ -35,3 +35,20 @@ def test_every_module_is_in_the_architecture() -> None:
     ]
     missing = [str(p.relative_to(ROOT)) for p in modules if f"{p.name}`" not in ARCHITECTURE]
     assert not missing, f"docs/architecture.md does not mention {missing}"
+
+
+def _options(parser: argparse.ArgumentParser, command: str = "uptake") -> list[tuple[str, str]]:
+    """Every option of every subcommand, with its help text."""
+    found: list[tuple[str, str]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _options(sub, f"{command} {name}")
+        elif action.option_strings:
+            found.append((f"{command} {action.option_strings[-1]}", action.help or ""))
+    return found
+
+
+def test_every_cli_option_says_what_it_does() -> None:
+    bare = [option for option, text in _options(build_parser()) if not text.strip()]
+    assert not bare, f"--help shows no text for {bare}"
