@@ -90,7 +90,7 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         help="'variant' is a second base with another size and tokenizer; 'reader' is the "
         "demo's shape also taught to answer from its context (for rag and mac): 27%% more "
         "steps to build (16 minutes), closed-book extraction 0.48 to 0.61 against the demo's "
-        "0.38 to 0.45, but less uptake from LoRA updates",
+        "0.38 to 0.45, but retrieved text in its prompt costs its retention more",
     )
     p.add_argument("--world", default=None, help="world directory (default: UPTAKE_HOME/world)")
     p.add_argument(
