@@ -237,6 +237,14 @@ def evaluate_qa(
     return score(preds, [q.answers for q, _ in asked])
 
 
+def pretrain_tokenizer(pretrain: list[Document], spec: DemoSpec) -> PreTrainedTokenizerBase:
+    """The demo's BPE tokenizer, trained on the articles and questions it pretrains on."""
+    return train_bpe_tokenizer(
+        [d.text for d in pretrain] + [q.question for q in all_questions(pretrain)],
+        vocab_size=spec.vocab_size,
+    )
+
+
 def untrained_model(spec: DemoSpec, tok: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """The spec's Llama, randomly initialised, for `tok`'s vocabulary."""
     config = LlamaConfig(
@@ -301,10 +309,7 @@ def build_demo_model(
     started = time.time()
 
     pretrain = read_documents(world / "pretrain.jsonl")
-    tok = train_bpe_tokenizer(
-        [d.text for d in pretrain] + [q.question for q in all_questions(pretrain)],
-        vocab_size=spec.vocab_size,
-    )
+    tok = pretrain_tokenizer(pretrain, spec)
     device = default_device()
     model = untrained_model(spec, tok).to(device)
     doc_ids = _encode_docs(pretrain, tok, spec.max_len)

@@ -24,6 +24,7 @@ from transformers import (
 from adaptation.mac.networks import MacConfig
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
+from adaptation.prompts import answer_batch
 from adaptation.tokenizer import train_bpe_tokenizer
 
 torch.set_num_threads(1)
@@ -59,6 +60,17 @@ def tiny_model(family: str, vocab_size: int) -> torch.nn.Module:
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
         return GPT2LMHeadModel(cfg)
     raise ValueError(family)
+
+
+def one_padded_pass(
+    model: torch.nn.Module, batch: list[tuple[list[int], int]], pad_id: int
+) -> float:
+    """The plain pretraining step the demo's split step must equal: the whole batch padded to
+    its longest sequence, logits everywhere, the Hugging Face loss."""
+    ids, labels, mask = answer_batch(batch, pad_id)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.item()
 
 
 def save_tiny(path: Path, family: str = "llama") -> Path:

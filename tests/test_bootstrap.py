@@ -16,12 +16,12 @@ from adaptation import bootstrap
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir
-from adaptation.prompts import ANSWER_END, answer_batch
+from adaptation.prompts import ANSWER_END
 from adaptation.weighting.camels import CamelsWeighter
 from service.cli import main
 from service.settings import Settings
 from service.supervisor import ensure_demo_parts
-from tests.conftest import tiny_model
+from tests.conftest import one_padded_pass, tiny_model
 
 
 def test_quick_bootstrap_builds_the_model_its_weighting_model_and_its_mac_networks(
@@ -164,13 +164,7 @@ def test_a_batch_split_into_passes_by_length_trains_as_one_pass() -> None:
         loss = step(model)
         return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    def one_pass(model: torch.nn.Module) -> float:
-        ids, labels, mask = answer_batch(seqs, pad_id=0)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        return loss.item()
-
-    loss, grad = gradient(one_pass)
+    loss, grad = gradient(lambda m: one_padded_pass(m, seqs, 0))
     split_loss, split_grad = gradient(
         lambda m: bootstrap._train_step(m, seqs, 0, torch.device("cpu"))
     )

@@ -12,25 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from adaptation import bootstrap
-from adaptation.data import all_questions, read_documents
-from adaptation.prompts import answer_batch
-from adaptation.tokenizer import train_bpe_tokenizer
+from adaptation.data import read_documents
 from adaptation.world import write_world
+from tests.conftest import one_padded_pass
 
 BATCHES = 30
 ROUNDS = 2
 Batch = list[tuple[list[int], int]]
-
-
-def _one_pass(model: LlamaForCausalLM, batch: Batch, pad_id: int) -> float:
-    """The step as it was: the whole batch padded to its longest sequence, logits everywhere."""
-    ids, labels, mask = answer_batch(batch, pad_id)
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    return loss.item()
 
 
 @pytest.mark.slow
@@ -41,10 +31,7 @@ def test_pretraining_step_is_faster_than_one_pass_and_learns_the_same(
     spec = bootstrap.SPECS[variant]
     write_world(tmp_path / "world", bootstrap._world_config(spec))
     pretrain = read_documents(tmp_path / "world" / "pretrain.jsonl")
-    tok = train_bpe_tokenizer(
-        [d.text for d in pretrain] + [q.question for q in all_questions(pretrain)],
-        vocab_size=spec.vocab_size,
-    )
+    tok = bootstrap.pretrain_tokenizer(pretrain, spec)
     rng = random.Random(0)
     docs = bootstrap._encode_docs(pretrain, tok, spec.max_len)
     qa = bootstrap._encode_qa(pretrain, tok, rng, spec.context_share)
@@ -55,7 +42,7 @@ def test_pretraining_step_is_faster_than_one_pass_and_learns_the_same(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cpu = torch.device("cpu")
     steps: dict[str, Callable[[Batch], float]] = {
-        "one pass": lambda b: _one_pass(model, b, tok.pad_token_id),
+        "one pass": lambda b: one_padded_pass(model, b, tok.pad_token_id),
         "_train_step": lambda b: bootstrap._train_step(model, b, tok.pad_token_id, cpu),
     }
     seconds = dict.fromkeys(steps, 0.0)
