@@ -71,6 +71,13 @@ def test_prefix_changes_outputs_only_when_memory_is_non_empty(tiny_family_dir: P
     )
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+def test_prefix_injection_passes_the_cache_by_its_current_name(tiny_family_dir: Path) -> None:
+    system = tiny_mac_system(tiny_family_dir)
+    system.ingest_many(list(DOCS.items()))
+    assert len(system.answer(QUESTIONS, max_new_tokens=4)) == len(QUESTIONS)
+
+
 def test_amortizer_ignores_padding(tiny_model_dir: Path) -> None:
     system = tiny_mac_system(tiny_model_dir)
     nets, enc_tok = system.networks, system.encoder_tokenizer

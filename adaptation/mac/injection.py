@@ -25,6 +25,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from adaptation.answering import newline_token_ids
 from adaptation.prompts import clean_answer, qa_prompt
 
+# transformers 5 renamed the cache argument and output `past_key_values` to `cache` (the old name is
+# removed in 5.40); earlier releases know only the old name.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass(frozen=True)
 class PrefixShape:
@@ -125,8 +129,8 @@ def _forward(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=prefix_kv.cache(model),
         use_cache=use_cache,
+        **{CACHE: prefix_kv.cache(model)},
     )
 
 
@@ -170,7 +174,7 @@ def continue_with_prefix(
     ids, mask = encode_prompts(tokenizer, prompts, device)
     stop = torch.tensor(newline_token_ids(tokenizer), device=device)
     out = _forward(model, prefix_kv, ids, mask, use_cache=True)
-    cache = out.past_key_values
+    cache = out[CACHE]
     full_mask = mask if prefix_kv is None else torch.cat([prefix_kv.mask.to(mask.dtype), mask], 1)
     position = prompt_positions(mask)[:, -1:]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -188,8 +192,8 @@ def continue_with_prefix(
             input_ids=token[:, None],
             attention_mask=full_mask,
             position_ids=position,
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE: cache},
         )
-        cache = out.past_key_values
+        cache = out[CACHE]
     return tokenizer.batch_decode(generated, skip_special_tokens=True)
