@@ -70,9 +70,9 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         "(default ~/.cache/uptake), then meta-trains for it the demo CaMeLS weighting model "
         "(UPTAKE_HOME/camels, for UPTAKE_STRATEGY=camels) and the demo MAC networks "
         "(UPTAKE_HOME/mac, for UPTAKE_MODE=mac) on the world's meta-train stream. On 2 otherwise "
-        "idle CPU cores the whole build takes about 50 minutes: the model 12, the "
-        "weighting model 30 (563 meta-training steps) and the MAC networks 7 (720 steps); a few "
-        "minutes in all on a GPU. "
+        "idle CPU cores the whole build takes 35 to 55 minutes: the model 12 to 19, the "
+        "weighting model 21 to 30 (563 meta-training steps) and the MAC networks 5 to 7 (720 "
+        "steps); a few minutes in all on a GPU. "
         "A part already built is kept (--rebuild builds everything again), unless it is older "
         "than the model it was trained for. --model-only, --variant and --out build "
         "the model alone; `uptake up` builds whatever its strategy and mode need when missing.",
@@ -88,9 +88,9 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
         default="demo",
         choices=["demo", "variant", "reader"],
         help="'variant' is a second base with another size and tokenizer; 'reader' is the "
-        "demo's shape also taught to answer from its context (for rag and mac): 27%% more "
-        "steps to build (16 minutes), closed-book extraction 0.48 to 0.61 against the demo's "
-        "0.38 to 0.45, but retrieved text in its prompt costs its retention more",
+        "demo's shape also taught to answer from its context (for rag and mac): 16 minutes "
+        "to build, closed-book extraction 0.48 to 0.61 against the demo's "
+        "0.46 to 0.53, but retrieved text in its prompt costs its retention more",
     )
     p.add_argument("--world", default=None, help="world directory (default: UPTAKE_HOME/world)")
     p.add_argument(
