@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 # Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families:
 # new facts are stored largely in the MLPs, so they are adapted too.
@@ -113,12 +114,22 @@ def present_target_modules(model: torch.nn.Module, wanted: tuple[str, ...]) -> l
 
 
 def lora_config(model: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
+    targets = present_target_modules(model, settings.target_modules)
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=present_target_modules(model, settings.target_modules),
+        target_modules=targets,
+        fan_in_fan_out=stores_weights_transposed(model, targets),
         task_type="CAUSAL_LM",
+    )
+
+
+def stores_weights_transposed(model: torch.nn.Module, targets: list[str]) -> bool:
+    """GPT-2's Conv1D keeps its weight as (in, out); peft must be told, or it warns and guesses."""
+    return any(
+        isinstance(module, Conv1D) and any(part in targets for part in name.split("."))
+        for name, module in model.named_modules()
     )
 
 

@@ -8,6 +8,7 @@ from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting.base import WeightedText
 
 
+@pytest.mark.filterwarnings("error:fan_in_fan_out:UserWarning")
 def test_load_and_attach_lora_on_each_family(tiny_family_dir: Path, tmp_path: Path) -> None:
     model, tok = load_base(tiny_family_dir, device="cpu")
     assert model.dtype == torch.float32
