@@ -68,7 +68,7 @@ SHORT_SEQ = 64
 PASS_COST_TOKENS = 128
 
 # Half the demo's questions are asked in context: closed-book extraction 0.46 to 0.53 over three
-# builds against 0.38 to 0.45 at 30%, and CaMeLS gains 2.1 to 2.4x uniform on it (1.7x at 30%);
+# builds against 0.38 to 0.45 at 30%, and CaMeLS gains 2.05 to 2.41x uniform on it (1.70x at 30%);
 # 70% was no better (0.52). The variant and the reader were measured at 30% and stay there
 # (docs/results/demo-spec.md).
 SPECS: dict[str, DemoSpec] = {
@@ -409,7 +409,7 @@ def ensure_demo_model() -> Path:
 # SGD (15 minutes) it weighted facts 1.65x the mean and gained 1.44x uniform's uptake at 0.047
 # lower retention; against Adam, in 563 steps (20 to 30 minutes on 2 idle cores), 9.3x and 1.70x
 # at 0.033 higher retention, better than at 272 steps on each (docs/results/eval-camels-adam.md).
-# On today's demo (half its questions asked in context): 7.6x and 2.05x, retention 0.973 against
+# On the current demo (half its questions asked in context): 7.6x and 2.05x, retention 0.973 against
 # uniform's 0.677 (docs/results/demo-spec.md).
 # A step budget, not a time one, so that every machine builds that same weighting model.
 DEMO_CAMELS = {
