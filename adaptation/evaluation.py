@@ -57,6 +57,7 @@ class EvalConfig:
     normalisation: str = "tokens"
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    full_finetune: bool = False
     seeds: tuple[int, ...] = (0,)
     limit: int | None = None
     checkpoints: int = 5
@@ -76,17 +77,24 @@ class EvalConfig:
 
 
 class LoraMethod:
-    """Online LoRA fine-tuning with a token weighting: the `lora` mode of the service."""
+    """Online LoRA fine-tuning with a token weighting: the `lora` mode of the service.
+
+    With `full_finetune` every weight of the base is trained instead, the baseline that says
+    whether the adapter's smaller footprint costs uptake or saves retention.
+    """
 
     def __init__(
         self, model_dir: str, weighter: Weighter, cfg: EvalConfig, lr: float, seed: int
     ) -> None:
         torch.manual_seed(seed)
         base, self.tokenizer = load_base(model_dir, device=cfg.device)
-        lora = LoraSettings(
-            rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, target_modules=cfg.lora_targets
-        )
-        self.model = attach_lora(base, lora)
+        if cfg.full_finetune:
+            self.model = base.requires_grad_(True)
+        else:
+            lora = LoraSettings(
+                rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, target_modules=cfg.lora_targets
+            )
+            self.model = attach_lora(base, lora)
         self.weighter = weighter
         self.name = weighter.name
         self.updater = OnlineUpdater(
@@ -107,7 +115,7 @@ class LoraMethod:
         apply_trusted(self.updater, [weighted], self.trust.update_scale(doc.source))
 
     def memory_bytes(self) -> int:
-        """A fixed-size adapter: it does not grow with the stream."""
+        """A fixed-size adapter (or the whole base): it does not grow with the stream."""
         return sum(p.numel() * p.element_size() for p in self.updater.params)
 
     def summary(self) -> dict[str, float]:
@@ -679,11 +687,18 @@ def _pm(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3f}"
 
 
+def _trained_part(cfg: dict) -> str:
+    if cfg.get("full_finetune"):
+        return "gradient strategies train every weight of the base (full fine-tuning)"
+    return f"gradient strategies train a rank-{cfg['lora_rank']} LoRA adapter"
+
+
 def report_markdown(report: dict) -> str:
     lines = [
         f"# uptake eval: {Path(report['data']).name}",
         "",
-        f"Model `{report['model']}`; {report['questions']} stream questions, "
+        f"Model `{report['model']}`; {_trained_part(report['config'])}; "
+        f"{report['questions']} stream questions, "
         f"{report['retention_questions']} retention questions. Uptake = F1 after − F1 before; "
         "retention = retention F1 after / before. ± is the standard deviation over seeds. "
         "State bytes / doc is what the method keeps beyond the base, over the stream's length "

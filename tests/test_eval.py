@@ -113,6 +113,28 @@ def test_eval_methods_scale_by_trust_and_tag_sources(quick_home: Path) -> None:
     assert method.training_text("x y", None) == "x y"
 
 
+def test_full_finetune_trains_every_weight_of_the_base(quick_home: Path) -> None:
+    doc = read_documents(quick_home / "world-quick" / "eval_stream.jsonl", 1)[0]
+    lora = LoraMethod(
+        str(quick_home / "demo-quick"), make_weighter("uniform"), EvalConfig(), 1e-3, 0
+    )
+    full = LoraMethod(
+        str(quick_home / "demo-quick"),
+        make_weighter("uniform"),
+        EvalConfig(full_finetune=True),
+        1e-3,
+        0,
+    )
+    weights = list(full.model.parameters())
+    assert len(full.updater.params) == len(weights)
+    assert sum(p.numel() for p in weights) > sum(p.numel() for p in lora.updater.params)
+    assert full.memory_bytes() == sum(p.numel() * p.element_size() for p in weights)
+    start = _adapter(full)
+    full.ingest(doc)
+    moved = [not torch.equal(a, b) for a, b in zip(start, _adapter(full), strict=True)]
+    assert sum(moved) > len(moved) // 2, "a step moves the base's own weights, not an adapter"
+
+
 def test_choose_setting_respects_the_retention_floor() -> None:
     rows = [
         {"lr": 1e-4, "uptake_f1": 0.01, "retention": 0.99},
