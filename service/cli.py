@@ -196,7 +196,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--full-finetune",
         action="store_true",
         help="train every weight of the base instead of a LoRA adapter (the baseline for "
-        "LoRA's uptake and retention; rates around 1e-5 to 1e-4 suit it)",
+        "LoRA's uptake and retention; on the demo, rates of 5e-5 to 1e-4 suited it)",
     )
     p.add_argument(
         "--sweep-lrs",
