@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptation.prompts import clean_answer, qa_prompt
+from adaptation.prompts import answer_stop_ids, clean_answer, qa_prompt
 
 
 @torch.no_grad()
@@ -21,7 +21,9 @@ def generate_answers(
     **generate_kwargs: object,
 ) -> list[str]:
     """Greedy answers, batched with left padding as decoder-only generation needs."""
-    prompts = [qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)]
+    prompts = [
+        qa_prompt(tokenizer, q, contexts[i] if contexts else None) for i, q in enumerate(questions)
+    ]
     return [
         clean_answer(t)
         for t in generate_batched(
@@ -63,7 +65,7 @@ def generate_batched(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=newline_token_ids(tokenizer) or tokenizer.eos_token_id,
+                eos_token_id=answer_stop_ids(tokenizer),
                 **generate_kwargs,
             )
             new = gen[:, enc["input_ids"].shape[1] :]
@@ -78,11 +80,3 @@ def prompt_budget(model: PreTrainedModel, max_new_tokens: int) -> int:
     """Prompts longer than the model's window lose their start (old context), never the question."""
     window = getattr(model.config, "max_position_embeddings", None) or 2048
     return max(16, int(window) - max_new_tokens)
-
-
-def newline_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens that end an answer: the newline and the EOS, so decoding stops at the answer's end."""
-    ids = {i for i in tokenizer.encode("\n", add_special_tokens=False)[-1:]}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)

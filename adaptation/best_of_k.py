@@ -22,12 +22,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adaptation.answering import generate_answers
 from adaptation.data import QA
 from adaptation.metrics import score
-from adaptation.prompts import answer_batch, qa_tokens
+from adaptation.prompts import answer_batch, qa_tokens, self_edit_request
 from adaptation.self_edit import (
     apply_with_self_edits,
     parse_qa_pairs,
     sample_generations,
-    self_edit_prompt,
 )
 from adaptation.updater import OnlineUpdater, StepReport, UpdaterSnapshot
 from adaptation.weighting.base import Weighter
@@ -101,7 +100,7 @@ def generate_probes(
     temperature: float = 0.0,
 ) -> list[QA]:
     """Probe questions written by the model from the document with the self-QA prompt."""
-    text = self_edit_prompt("self-qa", title, passage)
+    text = self_edit_request(tokenizer, "self-qa", title, passage)
     gens = sample_generations(model, tokenizer, text, samples, max_new_tokens, temperature)
     probes: list[QA] = []
     for g in gens:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from adaptation.data import Document
-from adaptation.prompts import qa_prompt
+from adaptation.prompts import qa_text
 from adaptation.world import CHANGE_TEMPLATES, ORG_FACTS, PERSON_FACTS
 
 FACTS: dict[str, tuple[list[str], list[str]]] = {**PERSON_FACTS, **ORG_FACTS}
@@ -127,7 +127,7 @@ def _statements(
             out.append(_render(_pick(options, rng, i), entity, fact, possessive or "their"))
     if qa:
         question = _pick(FACTS[fact.relation][1], rng, i).format(name=entity)
-        out.append(f"{qa_prompt(question)} {fact.value}")
+        out.append(qa_text(question, fact.value))
     return out
 
 

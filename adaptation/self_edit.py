@@ -15,35 +15,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.data import QA, Document
+from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, end_token_ids, self_edit_request
 from adaptation.trust import apply_trusted
 from adaptation.updater import OnlineUpdater, StepReport
 from adaptation.weighting.base import Weighter, encode_weighted
 
-SELF_EDIT_PROMPTS: dict[str, str] = {
-    "implications": (
-        "Read the passage below and list the implications that follow from it, directly or "
-        "indirectly. Write each implication as a sentence that names who or what it is about, "
-        "one per line.\n\nPassage:\n{title}\n{passage}\n\nImplications:\n"
-    ),
-    "long-implications": (
-        "Read the passage below and write out everything it implies, as thoroughly as it allows. "
-        "Give each implication its own short paragraph that restates the names, numbers and dates "
-        "it depends on, and leave a blank line between paragraphs.\n\n"
-        "Passage:\n{title}\n{passage}\n\nImplications:\n"
-    ),
-    "rewrite": (
-        "Rewrite the passage below in several different ways. Keep every fact, name, number and "
-        "date, and leave a blank line between rewrites.\n\n"
-        "Passage:\n{title}\n{passage}\n\nRewrites:\n"
-    ),
-    "self-qa": (
-        "Write questions about the passage below that can be answered from it, each followed by "
-        "its answer, in the form\nQuestion: ...\nAnswer: ...\n"
-        "Leave a blank line between pairs.\n\nPassage:\n{title}\n{passage}\n\n"
-        "Questions and answers:\n"
-    ),
-}
-DEFAULT_PROMPT = "implications"
 MIN_WORDS = 4
 LABEL_WORDS = 8
 
@@ -52,20 +28,6 @@ _RULE = re.compile(r"^(?:-{3,}|\*{3,}|_{3,}|={3,})")
 _HEADING = re.compile(r"^#{1,6}\s")
 _ITEM = re.compile(r"^(?:\d{1,2}[.)]|[-*\u2022])(?:\s+|$)")
 _QA_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:\s*(.+)")
-
-
-def self_edit_prompt(prompt: str, title: str | None, passage: str) -> str:
-    """Render a named prompt (see SELF_EDIT_PROMPTS), or a custom template with {title}/{passage}."""
-    template = SELF_EDIT_PROMPTS.get(prompt)
-    if template is None:
-        if "{passage}" not in prompt:
-            names = ", ".join(SELF_EDIT_PROMPTS)
-            raise ValueError(
-                f"unknown self-edit prompt {prompt!r}: use one of {names}, "
-                "or a template string containing {passage} (and optionally {title})"
-            )
-        template = prompt
-    return template.format(title=(title or "").strip(), passage=passage.strip())
 
 
 def _split_item(line: str) -> tuple[bool, str]:
@@ -146,10 +108,11 @@ def sample_generations(
     temperature: float = 1.0,
     top_p: float = 0.95,
 ) -> list[str]:
-    """k sampled continuations of one prompt (one greedy one when temperature is 0).
+    """k sampled continuations of one model-input prompt (see `adaptation.prompts`; one greedy
+    one when temperature is 0).
 
-    Unlike answering, decoding runs past newlines: self-edits span many lines. Seed torch for
-    repeatable samples.
+    Unlike answering, decoding runs past newlines, to the end of the turn: self-edits span many
+    lines. Seed torch for repeatable samples.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -169,7 +132,7 @@ def sample_generations(
             attention_mask=enc["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=end_token_ids(tokenizer),
             **sampling,
         )
     finally:
@@ -183,7 +146,7 @@ def generate_self_edits(
     title: str | None,
     passage: str,
     k: int = 1,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str = DEFAULT_SELF_EDIT_PROMPT,
     max_new_tokens: int = 256,
     temperature: float = 1.0,
 ) -> list[list[str]]:
@@ -192,7 +155,7 @@ def generate_self_edits(
     The model writes them as it is: to write with the unadapted base, call inside a PeftModel's
     `disable_adapter()` context.
     """
-    text = self_edit_prompt(prompt, title, passage)
+    text = self_edit_request(tokenizer, prompt, title, passage)
     gens = sample_generations(model, tokenizer, text, k, max_new_tokens, temperature)
     return [parse_self_edits(g) for g in gens]
 

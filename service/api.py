@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import redis
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
@@ -30,6 +30,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from adaptation.prompts import Message
 from service.adapters import AdapterStore
 from service.auth import Access, Authority, Scope, bearer
 from service.documents import SETTLED, DocumentRecord, DocumentStore, IdConflict
@@ -76,6 +77,7 @@ from service.schemas import (
 )
 from service.settings import NAMESPACE_PATTERN, Settings
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 0.1
@@ -525,14 +527,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/chat/completions",
         response_model=ChatOut,
         responses=_problems(*GUARDED, 503),
-        summary="OpenAI-compatible chat: the last user message (else the last message) is asked",
+        summary="OpenAI-compatible chat, in the base model's chat template",
     )
     async def chat(request: Request, body: ChatIn, access: Reader) -> ChatOut:
         access.require(body.model)
         s = services(request)
-        users = [m.content for m in body.messages if m.role == "user"]
-        question = users[-1] if users else body.messages[-1].content
-        text, version = await _generate(s, s.engine.answer, question, body.model, body.max_tokens)
+        messages: list[Message] = [{"role": m.role, "content": m.content} for m in body.messages]
+        text, version = await _generate(s, s.engine.chat, messages, body.model, body.max_tokens)
         return ChatOut(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -545,12 +546,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/models",
         response_model=ModelList,
         responses=_problems(*GUARDED),
-        summary="OpenAI-compatible: the namespaces (those the API key covers)",
+        summary="OpenAI-compatible: the namespaces (those the API key covers) and the base they adapt",
     )
     def models(request: Request, access: Reader) -> ModelList:
         s = services(request)
         names = access.visible({"default", *s.engine.versions(), *s.store.namespaces()})
-        cards = [ModelCard(id=ns, adapter_version=s.engine.version(ns)) for ns in names]
+        cards = [
+            ModelCard(id=ns, adapter_version=s.engine.version(ns), base_model=settings.model)
+            for ns in names
+        ]
         return ModelList(data=cards)
 
     @app.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -650,7 +654,7 @@ def _submit(docs: DocumentStore, doc: DocumentIn, access: Access) -> DocumentAcc
 
 
 async def _generate(
-    s: Services, run: Callable[[str, str, int], tuple[str, int]], text: str, ns: str, budget: int
+    s: Services, run: Callable[[T, str, int], tuple[str, int]], text: T, ns: str, budget: int
 ) -> tuple[str, int]:
     """Generate off the event loop, timing it; a prompt longer than the model reads is a 422."""
     _require_model(s.engine)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers, generate_batched
 from adaptation.modeling import RNG_LOCK, context_window, load_base
-from adaptation.prompts import qa_prompt
+from adaptation.prompts import Message, chat_prompt, clean_answer, qa_prompt
 from service.adapters import AdapterStore, published_versions
 from service.batching import AnswerBatcher
 from service.keys import Keys
@@ -109,8 +109,22 @@ class ServingEngine:
     def answer(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         """A closed-book answer in the QA format, and the adapter version it came from.
         Concurrent calls are answered together in micro-batches."""
-        budget = self._fit_context(qa_prompt(question), max_new_tokens, "question")
+        prompt = qa_prompt(self._loaded_tokenizer(), question)
+        budget = self._fit_context(prompt, max_new_tokens, "question")
         return self._batcher.answer(question, namespace, budget)
+
+    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        """The next assistant turn of a conversation, in the base's chat template, to the end of
+        its turn or first line."""
+        prompt = chat_prompt(self._loaded_tokenizer(), messages)
+        budget = self._fit_context(prompt, max_new_tokens, "conversation")
+        (text,), version = self._generate(
+            namespace,
+            lambda model, tok: [
+                clean_answer(t) for t in generate_batched(model, tok, [prompt], budget)
+            ],
+        )
+        return text, version
 
     def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
         """One generate call for questions from any namespaces: peft routes each row through its
@@ -163,6 +177,11 @@ class ServingEngine:
                 return run(self._peft, self._tokenizer), version
             with self._peft.disable_adapter():
                 return run(self._peft, self._tokenizer), version
+
+    def _loaded_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("the model is not loaded yet")
+        return self._tokenizer
 
     def _fit_context(self, prompt: str, max_new_tokens: int, what: str) -> int:
         """Shorten the answer budget so prompt plus answer fit the model's positions."""

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK, MacSystem
 from adaptation.modeling import load_base
+from adaptation.prompts import Message
 from service.engine import ServingEngine
 from service.settings import Settings
 from service.worker import PROBE_NEW_TOKENS, IngestDoc, IngestResult
@@ -138,6 +139,13 @@ class MacServingEngine(ServingEngine):
                 for i, text in zip(indices, texts, strict=True):
                     out[i] = (text, version)
         return out
+
+    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        """The bank is read with a question: the last user message is asked."""
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        return self.answer(
+            users[-1] if users else messages[-1]["content"], namespace, max_new_tokens
+        )
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         budget = self._fit_context(prompt, max_new_tokens, "prompt")

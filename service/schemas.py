@@ -528,6 +528,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "uptake"
     adapter_version: int
+    base_model: str = Field(description="the base model every namespace's knowledge adapts")
 
 
 class ModelList(BaseModel):

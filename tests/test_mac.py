@@ -54,7 +54,7 @@ def test_prefix_changes_outputs_only_when_memory_is_non_empty(tiny_family_dir: P
     )
     prompts = ["Alda Venn was born in", "Super Bowl"]
     assert system.complete(prompts, 6) == generate_batched(base, tok, prompts, max_new_tokens=6)
-    ids, mask = encode_prompts(tok, [qa_prompt(q) for q in QUESTIONS], "cpu")
+    ids, mask = encode_prompts(tok, [qa_prompt(tok, q) for q in QUESTIONS], "cpu")
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask)).logits
         assert torch.equal(prefix_logits(base, None, ids, mask), plain)

@@ -4,7 +4,7 @@ import pytest
 
 from adaptation.data import Document
 from adaptation.paraphrase import extract_facts, paraphrase, with_paraphrases
-from adaptation.prompts import qa_prompt
+from adaptation.prompts import qa_text
 from adaptation.self_edit import document_sequences, parse_self_edits
 from adaptation.world import WorldConfig, build_world
 
@@ -49,7 +49,7 @@ def test_edits_are_facts_only_restated_and_asked(world) -> None:
             assert len(questions) == len(facts)
             for q in questions:
                 asked, answer = q.split("\nAnswer: ")
-                assert qa_prompt(asked.removeprefix("Question: ")) == f"{asked}\nAnswer:"
+                assert qa_text(asked.removeprefix("Question: "), answer) == q
                 assert answer in values and d.meta["entity"] in asked
             for s in statements:
                 assert s not in d.text, "a restatement must use another template"

@@ -6,14 +6,13 @@ import torch
 
 from adaptation.data import QA, Document
 from adaptation.modeling import LoraSettings, attach_lora, load_base
+from adaptation.prompts import SELF_EDIT_PROMPTS, self_edit_prompt
 from adaptation.self_edit import (
-    SELF_EDIT_PROMPTS,
     apply_with_self_edits,
     document_sequences,
     generate_self_edits,
     parse_qa_pairs,
     parse_self_edits,
-    self_edit_prompt,
     training_sequences,
 )
 from adaptation.updater import OnlineUpdater, UpdateConfig

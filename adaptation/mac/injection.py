@@ -22,8 +22,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from adaptation.answering import newline_token_ids
-from adaptation.prompts import clean_answer, qa_prompt
+from adaptation.prompts import answer_stop_ids, clean_answer, qa_prompt
 
 # transformers 5 renamed the cache argument and output `past_key_values` to `cache` (the old name is
 # removed in 5.40); earlier releases know only the old name.
@@ -156,7 +155,9 @@ def generate_with_prefix(
     max_new_tokens: int = 16,
 ) -> list[str]:
     """Greedy answers to a batch of questions, one prefix row per question."""
-    prompts = [qa_prompt(q, contexts[i] if contexts else None) for i, q in enumerate(questions)]
+    prompts = [
+        qa_prompt(tokenizer, q, contexts[i] if contexts else None) for i, q in enumerate(questions)
+    ]
     texts = continue_with_prefix(model, tokenizer, prefix_kv, prompts, max_new_tokens)
     return [clean_answer(t) for t in texts]
 
@@ -172,7 +173,7 @@ def continue_with_prefix(
     """Greedy continuations of raw prompts to the end of their line, one prefix row each."""
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
-    stop = torch.tensor(newline_token_ids(tokenizer), device=device)
+    stop = torch.tensor(answer_stop_ids(tokenizer), device=device)
     out = _forward(model, prefix_kv, ids, mask, use_cache=True)
     cache = out[CACHE]
     full_mask = mask if prefix_kv is None else torch.cat([prefix_kv.mask.to(mask.dtype), mask], 1)
