@@ -1,6 +1,16 @@
 import pytest
 
-from adaptation.metrics import best_em, best_f1, exact_match, f1, normalize_answer, score
+from adaptation.metrics import (
+    best_em,
+    best_f1,
+    best_recall,
+    exact_match,
+    f1,
+    first_sentence,
+    normalize_answer,
+    recall,
+    score,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +71,42 @@ def test_score_means_over_questions() -> None:
     assert out["n"] == 3
     assert out["em"] == pytest.approx(1 / 3)
     assert out["f1"] == pytest.approx(5 / 9)
-    assert score([], []) == {"em": 0.0, "f1": 0.0, "n": 0}
+    # Recall: 1; "born 1961" holds all of "1961" -> 1; 0 -> 2/3.
+    assert out["recall"] == pytest.approx(2 / 3)
+    assert score([], []) == {"em": 0.0, "f1": 0.0, "recall": 0.0, "n": 0}
+
+
+def test_first_sentence_ends_at_a_stop_before_whitespace_or_at_a_line_break() -> None:
+    assert first_sentence("Alda Venn was born in Marrow Bay. She moved.") == (
+        "Alda Venn was born in Marrow Bay."
+    )
+    assert first_sentence("It cost 3.5 million! Then more") == "It cost 3.5 million!"
+    assert first_sentence("  Marrow Bay\nQuestion: next") == "Marrow Bay"
+    assert first_sentence("Is it? Yes.") == "Is it?"
+    assert first_sentence("no stop at all") == "no stop at all"
+
+
+def test_recall_counts_gold_tokens_in_the_first_sentence_only() -> None:
+    sentence = "Alda Venn was born in Marrow Bay in 1961."
+    # Gold [marrow, bay]: both in the sentence -> 1, where F1 pays for the 7 other words:
+    # P = 2/9, R = 1 -> 2 * (2/9) / (11/9) = 4/11.
+    assert recall(sentence, "Marrow Bay") == 1.0
+    assert f1(sentence, "Marrow Bay") == pytest.approx(4 / 11)
+    # Gold [marrow, bay, harbour]: 2 of 3.
+    assert recall(sentence, "Marrow Bay harbour") == pytest.approx(2 / 3)
+    # A gold token only in the second sentence does not count.
+    assert recall("She was born in 1961. It was in Marrow Bay.", "Marrow Bay") == 0.0
+    # A gold token repeated counts as often as the prediction has it: [bay, bay] vs [bay].
+    assert recall("Bay.", "Bay bay") == pytest.approx(1 / 2)
+    assert recall("", "Paris") == 0.0
+    assert recall("", "") == 1.0 and recall("Paris", "the") == 0.0
+
+
+def test_best_recall_takes_the_max_over_gold_answers() -> None:
+    golds = ["Marrow Bay harbour", "Quillon Works"]
+    # 2/3 of the first, 1/2 of the second ("Quillon").
+    assert best_recall("Marrow Bay, near Quillon.", golds) == pytest.approx(2 / 3)
+    assert best_recall("Paris", []) == 0.0
 
 
 def test_score_rejects_mismatched_inputs() -> None:
