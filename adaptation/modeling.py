@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from adaptation.bases import resolve_base
+
 # Attention and MLP projections across the Llama/Qwen2 (q_proj ...) and GPT-2 (c_attn ...) families:
 # new facts are stored largely in the MLPs, so they are adapted too.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -66,12 +68,14 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory or a hub id, ready for inference."""
+    """Load a causal LM and its tokenizer from a local directory, a hub id or a packaged base's
+    short name (converted on first use), ready for inference."""
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype if dtype is not None else default_dtype(dev)
-    with _LOAD_LOCK:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dt)
+    with _LOAD_LOCK:  # a conversion loads a model too
+        path = resolve_base(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     prepare_tokenizer(tokenizer)
     model.to(dev)
     model.eval()

@@ -647,7 +647,12 @@ def _service_logging() -> None:
 
 
 def _service_flags(p: argparse.ArgumentParser, http: bool) -> None:
-    p.add_argument("--model", default=None, help="base model dir or hub id (UPTAKE_MODEL)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model: a packaged base's short name (default smollm2-135m-instruct; or "
+        "gemma3-270m), a local Hugging Face directory or a hub id (UPTAKE_MODEL)",
+    )
     if http:
         p.add_argument("--host", default=None, help="address to bind (UPTAKE_HOST)")
         p.add_argument("--port", type=int, default=None, help="port to bind (UPTAKE_PORT)")
@@ -737,17 +742,17 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         "up",
         help="run everything on this machine: embedded Redis, worker and API",
         description="Starts an embedded Redis (unless UPTAKE_REDIS_URL is set), the worker and "
-        "the API; builds the demo model first if it is missing. Ctrl-C stops everything.",
+        "the API, on the base UPTAKE_MODEL names (default: the packaged SmolLM2-135M-Instruct, "
+        "converted once on first start). Builds nothing else. Ctrl-C stops everything.",
     )
     _service_flags(p, http=True)
     p.set_defaults(handler=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from service.supervisor import ensure_demo_parts, run_up
+    from service.supervisor import run_up
 
     _service_logging()
-    ensure_demo_parts(_service_settings(args))  # first, so the check finds what it builds
     settings = _checked_settings(args)
     return 2 if settings is None else run_up(settings)
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, require_package
 from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir, uptake_home
@@ -51,7 +52,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UPTAKE_", extra="ignore")
 
     # What is learned, and how.
-    model: str = Field(default_factory=lambda: str(demo_model_dir()))
+    model: str = Field(
+        default=DEFAULT_BASE,
+        description=f"base model: a packaged base ({', '.join(PACKAGED)}), converted once under "
+        "UPTAKE_HOME, or a local Hugging Face directory or hub id",
+    )
     mode: Mode = "lora"
     strategy: Strategy = "uniform"
     weighter: Path | None = Field(
@@ -141,6 +146,12 @@ class Settings(BaseSettings):
         default=600, ge=0, description="requests per API key per minute (0: no limit)"
     )
 
+    @field_validator("model")
+    @classmethod
+    def _empty_is_default(cls, value: str) -> str:
+        """A deployment file's `UPTAKE_MODEL=` (set, but empty) means the default base."""
+        return value or DEFAULT_BASE
+
     @field_validator("lora_targets", mode="before")
     @classmethod
     def _split_targets(cls, value: object) -> object:
@@ -198,7 +209,7 @@ class Settings(BaseSettings):
         path = self.mac_dir or demo_mac_dir()
         if not (path / MAC_CONFIG).is_file():
             build = (
-                "build the demo ones with `uptake bootstrap` (or let `uptake up` build them)"
+                "build the demo ones with `uptake bootstrap`"
                 if self.mac_dir is None
                 else f"train them with `uptake meta-train mac --base {self.model} --train FILE "
                 f"--val FILE --out {path}`, or point UPTAKE_MAC_DIR at such a directory"
@@ -225,15 +236,19 @@ class Settings(BaseSettings):
         if not demo_weighter_dir().is_dir():
             raise ConfigError(
                 f"UPTAKE_STRATEGY=camels found no weighting model: the demo one "
-                f"({demo_weighter_dir()}) is built by `uptake bootstrap` (or by `uptake up` "
-                "with the demo model); or set UPTAKE_WEIGHTER to the --out of "
+                f"({demo_weighter_dir()}) is built by `uptake bootstrap`; or set UPTAKE_WEIGHTER "
+                "to the --out of "
                 f"`uptake meta-train camels --base {self.model} --train FILE --val FILE --out DIR`"
             )
         return demo_weighter_dir()
 
     def check(self) -> None:
         """Stop a process at start, not at its first document or question, when its mode or
-        strategy lacks what it needs."""
+        strategy lacks what it needs, or its packaged base lacks its package."""
+        try:
+            require_package(self.model)
+        except BaseMissing as exc:
+            raise ConfigError(str(exc)) from None
         self.weighter_path()
         if self.mode == "mac":
             self.mac_networks()

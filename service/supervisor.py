@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from pathlib import Path
 
 from service.redis_conn import EmbeddedRedis
 from service.settings import Settings
@@ -23,22 +22,6 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 WORKER_RESTARTS_PER_MINUTE = 5
-
-
-def ensure_demo_parts(settings: Settings) -> None:
-    """Build, with progress shown, the demo model and the demo parts its strategy or mode needs
-    the first time they are needed (a hub model's parts are the operator's to provide)."""
-    if not settings.uses_demo_model:
-        return
-    from adaptation import bootstrap
-
-    if not Path(settings.model).exists():
-        log.info("the demo model is missing; building it under %s", settings.model)
-        bootstrap.ensure_demo_model()
-    if settings.strategy == "camels" and settings.weighter is None:
-        bootstrap.ensure_demo_weighter()
-    if settings.mode == "mac" and settings.mac_dir is None:
-        bootstrap.ensure_demo_mac()
 
 
 def local_auth(settings: Settings) -> bool:

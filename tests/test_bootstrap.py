@@ -15,12 +15,10 @@ from transformers import AutoTokenizer
 from adaptation import bootstrap
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
-from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir
+from adaptation.paths import demo_mac_dir, demo_weighter_dir
 from adaptation.prompts import ANSWER_END
 from adaptation.weighting.camels import CamelsWeighter
 from service.cli import main
-from service.settings import Settings
-from service.supervisor import ensure_demo_parts
 from tests.conftest import one_padded_pass, tiny_model
 
 
@@ -103,30 +101,6 @@ def test_bootstrap_builds_only_what_is_missing_and_rebuild_renews_the_model_and_
     built.clear()
     assert main(["bootstrap", "--quick", "--rebuild"]) == 0
     assert built == ["model", "weighter", "mac"]
-
-
-def test_up_builds_only_the_demo_parts_its_settings_need(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The full builds take minutes, so the builders are replaced by recorders here; the quick
-    test above shows what each builds."""
-    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
-    built: list[str] = []
-    for part in ("model", "weighter", "mac"):
-        monkeypatch.setattr(bootstrap, f"ensure_demo_{part}", lambda part=part: built.append(part))
-    demo, hub = str(demo_model_dir()), str(tmp_path / "hub-model")
-    cases = [
-        (Settings(model=demo), ["model"]),
-        (Settings(model=demo, strategy="camels"), ["model", "weighter"]),
-        (Settings(model=demo, strategy="camels", weighter=tmp_path), ["model"]),
-        (Settings(model=demo, mode="mac"), ["model", "mac"]),
-        (Settings(model=demo, mode="mac", mac_dir=tmp_path), ["model"]),
-        (Settings(model=hub, strategy="camels", mode="mac"), []),  # the operator's to provide
-    ]
-    for settings, expected in cases:
-        built.clear()
-        ensure_demo_parts(settings)
-        assert built == expected, settings
 
 
 def test_reading_lessons_ask_about_fresh_newcomers_each_epoch_with_the_answer_in_context(
