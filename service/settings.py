@@ -14,7 +14,7 @@ from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, require_packag
 from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir, uptake_home
-from adaptation.self_edit import DEFAULT_PROMPT, SELF_EDIT_PROMPTS
+from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, SELF_EDIT_PROMPTS
 from adaptation.updater import UpdateConfig
 
 Mode = Literal["lora", "mac", "seal"]
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         default=1, ge=1, le=MAX_SELF_EDITS, description="self-edits seal writes per document"
     )
     self_edit_prompt: SelfEditPrompt = Field(
-        default=DEFAULT_PROMPT, description="the prompt seal writes self-edits with"
+        default=DEFAULT_SELF_EDIT_PROMPT, description="the prompt seal writes self-edits with"
     )
     self_edit_tokens: int = Field(
         default=128, ge=1, le=4096, description="most new tokens in one written self-edit"
