@@ -10,9 +10,9 @@ on them as well, so the probe score can be checked against what it stands in for
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -23,15 +23,11 @@ from adaptation.answering import generate_answers
 from adaptation.data import QA
 from adaptation.metrics import score
 from adaptation.prompts import answer_batch, qa_tokens, self_edit_request
-from adaptation.self_edit import (
-    apply_with_self_edits,
-    parse_qa_pairs,
-    sample_generations,
-)
-from adaptation.updater import OnlineUpdater, StepReport, UpdaterSnapshot
-from adaptation.weighting.base import Weighter
+from adaptation.self_edit import parse_qa_pairs, sample_generations
+from adaptation.updater import OnlineUpdater, UpdaterSnapshot
 
 Scoring = Literal["f1", "nll"]
+T = TypeVar("T")
 
 
 @torch.no_grad()
@@ -109,48 +105,44 @@ def generate_probes(
 
 
 @dataclass(frozen=True)
-class BestOfK:
+class BestOfK(Generic[T]):
     probe: list[ProbeScore]
     chosen: int
-    reports: list[list[StepReport]]
+    results: list[T]  # what each candidate's training returned
     gold: list[ProbeScore] | None = None
 
 
 def best_of_k(
     updater: OnlineUpdater,
     tokenizer: PreTrainedTokenizerBase,
-    weighter: Weighter,
-    candidates: Sequence[Sequence[str]],
+    candidates: Sequence[Callable[[], T]],
     probes: Sequence[QA],
     gold: Sequence[QA] | None = None,
     scoring: Scoring = "f1",
-    trust: float = 1.0,
-    batch_size: int = 8,
     max_new_tokens: int = 12,
-) -> BestOfK:
-    """Train each candidate (a list of training sequences) from the same starting state, score it
-    on the probes (and on `gold` if given), and leave the updater in the best candidate's state."""
+) -> BestOfK[T]:
+    """Train each candidate (a call that trains through `updater`, e.g. a learner learning the
+    document with one self-edit) from the same starting state, score it on the probes (and on
+    `gold` if given), and leave the updater in the best candidate's state."""
     if not candidates:
-        raise ValueError("best-of-k needs at least one candidate set of training sequences")
+        raise ValueError("best-of-k needs at least one candidate to train")
     model = updater.model
     start = updater.snapshot()
     ends: list[UpdaterSnapshot] = []
     probe_scores: list[ProbeScore] = []
     gold_scores: list[ProbeScore] = []
-    reports: list[list[StepReport]] = []
-    for i, sequences in enumerate(candidates):
+    results: list[T] = []
+    for i, train in enumerate(candidates):
         if i:
             updater.restore(start)
-        reports.append(
-            apply_with_self_edits(updater, tokenizer, weighter, sequences, batch_size, trust)
-        )
+        results.append(train())
         probe_scores.append(probe_score(model, tokenizer, probes, max_new_tokens))
         if gold is not None:
             gold_scores.append(probe_score(model, tokenizer, gold, max_new_tokens))
         ends.append(updater.snapshot())
     chosen = max(range(len(candidates)), key=lambda i: probe_scores[i].key(scoring))
     updater.restore(ends[chosen])
-    return BestOfK(probe_scores, chosen, reports, gold_scores if gold is not None else None)
+    return BestOfK(probe_scores, chosen, results, gold_scores if gold is not None else None)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,14 @@
-"""Stream evaluation: every method starts from the same base, reads the same stream once, and is
-scored closed-book on the stream's questions and on retention questions it knew before.
+"""Evaluation of how strategies take up documents: every strategy starts from the same base,
+learns the same documents, and is scored closed-book on their questions, on retention questions
+it knew before, and on reading held-out passages in context.
 
-Uptake is F1 after the stream minus F1 before it; retention is F1 on the retention questions after
-over before. Both are always reported together, because either one alone is easy to game.
+Two protocols. `stream`: one adapter (or store) reads the documents once, in order, and is asked
+every document's questions at the end; uptake is F1 after minus F1 before. `single` (SEAL's):
+each document is learned alone from a fresh adapter and only its own questions are asked; uptake
+is the mean over documents of F1 after minus before. Retention is retention-question F1 after
+over before, and reading is in-context F1 after over before. They are always reported beside
+uptake, because uptake alone is easy to game. Every gradient strategy learns a document through
+the learning core's `Learner`, the worker's own code.
 """
 
 from __future__ import annotations
@@ -14,54 +20,45 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from adaptation.answering import generate_answers
 from adaptation.best_of_k import BestOfK, best_of_k, correlation, generate_probes
 from adaptation.data import QA, Document, all_questions, read_documents
+from adaptation.learner import IngestResult, Learner, LearnSettings, fresh_adapter
 from adaptation.metrics import score
-from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, load_base
+from adaptation.modeling import LoraSettings, load_base
 from adaptation.retrieval import Retriever, as_context
-from adaptation.trust import SourceTrust, apply_trusted, tag_text
-from adaptation.updater import OnlineUpdater, UpdateConfig
-from adaptation.weighting import Weighter, encode_weighted, make_weighter
+from adaptation.trust import SourceTrust
+from adaptation.updater import UpdateConfig, UpdaterSnapshot
+from adaptation.weighting import Weighter, make_weighter
 
 UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal", "seal-best")
-
-
-class Method(Protocol):
-    """A way of folding documents into a model and answering from it."""
-
-    name: str
-
-    def ingest(self, doc: Document) -> None: ...
-
-    def answer(self, questions: Sequence[str]) -> list[str]: ...
-
-    def memory_bytes(self) -> int: ...
-
-    def summary(self) -> dict[str, float]:
-        """Method-specific figures for the report (e.g. best-of-k's probe/gold correlation)."""
-        ...
+EvalProtocol = Literal["stream", "single"]
+PROTOCOLS: tuple[EvalProtocol, ...] = ("stream", "single")
 
 
 @dataclass
 class EvalConfig:
     strategies: tuple[str, ...] = ("uniform", "salient", "tfidf", "rag")
+    protocol: EvalProtocol = "stream"
     lr: float = 1e-3
     steps_per_doc: int = 1
     normalisation: str = "tokens"
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # The adapter and the way a document is learned: the service's own settings types, so the
+    # defaults are the service's.
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning: LearnSettings = field(default_factory=LearnSettings)
     full_finetune: bool = False
     seeds: tuple[int, ...] = (0,)
     limit: int | None = None
     checkpoints: int = 5
-    max_new_tokens: int = 12
+    # Answers are capped here for scoring, so a long answer cannot collect gold tokens (recall).
+    max_new_tokens: int = 32
     rag_k: int = 3
     weighter_path: str | None = None
     mac_path: str | None = None
@@ -72,12 +69,49 @@ class EvalConfig:
     sweep_steps: tuple[int, ...] = ()
     tuned: dict[str, tuple[float, int]] = field(default_factory=dict)
     trust: dict[str, float] = field(default_factory=dict)
-    tag_salt: str | None = None
     best_of_k: int = 3
 
 
-class LoraMethod:
-    """Online LoRA fine-tuning with a token weighting: the `lora` mode of the service.
+class BaseMethod:
+    """The unadapted base: the 'before' of every comparison, and what every strategy builds on.
+    Every strategy is `Knowledge` (adaptation.learner), as the worker's modes are."""
+
+    name = "base"
+
+    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
+        self.model, self.tokenizer = load_base(model_dir, device=cfg.device)
+        self.max_new_tokens = cfg.max_new_tokens
+
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        """The base learns nothing."""
+        return IngestResult(applied=True)
+
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        return generate_answers(
+            self.model,
+            self.tokenizer,
+            questions,
+            contexts=contexts,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def memory_bytes(self) -> int:
+        """What the method keeps to answer from, beyond the base model."""
+        return 0
+
+    def reset(self) -> None:
+        """Forget every document read: the single protocol's fresh start for each document."""
+
+    def summary(self) -> dict[str, float]:
+        """Method-specific figures for the report (e.g. best-of-k's probe/gold correlation)."""
+        return {}
+
+
+class LoraMethod(BaseMethod):
+    """Online LoRA fine-tuning with a token weighting, learned by the worker's own `Learner`
+    from the same seeded adapter the worker starts from.
 
     With `full_finetune` every weight of the base is trained instead, the baseline that says
     whether the adapter's smaller footprint costs uptake or saves retention.
@@ -86,57 +120,50 @@ class LoraMethod:
     def __init__(
         self, model_dir: str, weighter: Weighter, cfg: EvalConfig, lr: float, seed: int
     ) -> None:
-        torch.manual_seed(seed)
-        base, self.tokenizer = load_base(model_dir, device=cfg.device)
-        if cfg.full_finetune:
-            self.model = base.requires_grad_(True)
-        else:
-            lora = LoraSettings(
-                rank=cfg.lora_rank, alpha=2 * cfg.lora_rank, target_modules=cfg.lora_targets
-            )
-            self.model = attach_lora(base, lora)
-        self.weighter = weighter
-        self.name = weighter.name
-        self.updater = OnlineUpdater(
-            self.model,
-            UpdateConfig(lr=lr, steps_per_doc=cfg.steps_per_doc, normalisation=cfg.normalisation),  # type: ignore[arg-type]
+        super().__init__(model_dir, cfg)
+        model = (
+            self.model.requires_grad_(True)
+            if cfg.full_finetune
+            else fresh_adapter(self.model, cfg.lora, seed)
         )
-        self.max_new_tokens = cfg.max_new_tokens
-        self.trust = SourceTrust(cfg.trust)
-        self.tag_salt = cfg.tag_salt
+        update = UpdateConfig(
+            lr=lr,
+            steps_per_doc=cfg.steps_per_doc,
+            normalisation=cfg.normalisation,  # type: ignore[arg-type]
+        )
+        self.learner = Learner(model, self.tokenizer, weighter, update, cfg.learning)
+        self.model = model
+        self.name = weighter.name
+        self._fresh: UpdaterSnapshot | None = None
 
-    def training_text(self, text: str, source: str | None) -> str:
-        """Text as trained on: prefixed with its source's tag when the run tags sources (IML)."""
-        return text if self.tag_salt is None else tag_text(text, source, self.tag_salt)
-
-    def ingest(self, doc: Document) -> None:
-        text = self.training_text(doc.text, doc.source)
-        weighted = encode_weighted(text, self.tokenizer, self.weighter)
-        apply_trusted(self.updater, [weighted], self.trust.update_scale(doc.source))
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        """The document's text alone: learning its self-edits is seal's."""
+        return self.learner.learn(replace(doc, self_edits=()), trust)
 
     def memory_bytes(self) -> int:
-        """A fixed-size adapter (or the whole base): it does not grow with the stream."""
-        return sum(p.numel() * p.element_size() for p in self.updater.params)
+        return self.learner.memory_bytes()
 
-    def summary(self) -> dict[str, float]:
-        return {}
-
-    def answer(self, questions: Sequence[str]) -> list[str]:
-        return generate_answers(
-            self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
-        )
+    def reset(self) -> None:
+        """Back to the state of the first reset, which the single protocol calls before any
+        document is learned: the fresh adapter and optimizer."""
+        updater = self.learner.updater
+        if self._fresh is None:
+            self._fresh = updater.snapshot()
+        else:
+            updater.restore(self._fresh)
 
 
 class SealMethod(LoraMethod):
-    """SEAL-style updates: train on the document's self-edits plus the document itself.
+    """SEAL-style updates: the learner learns the document with its self-edits.
 
     Self-edits come with the document (e.g. the Qwen rewrites in shared/data) or, for knowledge-
     world documents, from the template paraphraser standing in for a capable model. Its QA lines
     are left out, since they would reuse the world's own question phrasings.
 
-    With `best_of_k` > 1 (the `seal-best` strategy), each self-edit is a candidate: every one is trained from the same state,
-    scored on probe questions, and the best kept (`adaptation.best_of_k`). Each candidate is also
-    scored on the document's gold questions, so the report can say how well probes stand in.
+    With `best_of_k` > 1 (the `seal-best` strategy), each self-edit is a candidate: the document
+    is learned with each one from the same state, scored on probe questions, and the best kept
+    (`adaptation.best_of_k`). Each candidate is also scored on the document's gold questions, so
+    the report can say how well probes stand in.
     """
 
     def __init__(
@@ -145,46 +172,35 @@ class SealMethod(LoraMethod):
         super().__init__(model_dir, make_weighter("uniform"), cfg, lr, seed)
         self.name = "seal" if best_of_k < 2 else "seal-best"
         self.best_of_k = best_of_k
-        self.choices: list[BestOfK] = []
+        self.choices: list[BestOfK[IngestResult]] = []
 
-    def generations(self, doc: Document, k: int) -> list[str]:
+    def generations(self, doc: Document, k: int) -> tuple[str, ...]:
         """The document's supplied self-edits, or k from the paraphraser for a world article."""
         from adaptation.paraphrase import paraphrase
 
         if doc.self_edits:
-            return list(doc.self_edits)
-        return paraphrase(doc, k=k, qa=False) if doc.meta.get("entity") else []
+            return doc.self_edits
+        return tuple(paraphrase(doc, k=k, qa=False)) if doc.meta.get("entity") else ()
 
-    def ingest(self, doc: Document) -> None:
-        from adaptation.self_edit import apply_with_self_edits, document_sequences
-
-        trust = self.trust.update_scale(doc.source)
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         gens = self.generations(doc, max(2, self.best_of_k))
         if self.best_of_k < 2 or len(gens) < 2 or not doc.questions:
-            sequences = self._tagged(document_sequences(doc, gens), doc.source)
-            apply_with_self_edits(
-                self.updater, self.tokenizer, self.weighter, sequences, trust=trust
-            )
-            return
+            return self.learner.learn(replace(doc, self_edits=gens), trust)
         candidates = [
-            self._tagged(document_sequences(doc, [g]), doc.source) for g in gens[: self.best_of_k]
+            partial(self.learner.learn, replace(doc, self_edits=(g,)), trust)
+            for g in gens[: self.best_of_k]
         ]
-        self.choices.append(
-            best_of_k(
-                self.updater,
-                self.tokenizer,
-                self.weighter,
-                candidates,
-                self.probes(doc),
-                gold=doc.questions,
-                scoring="nll",
-                trust=trust,
-                max_new_tokens=self.max_new_tokens,
-            )
+        choice = best_of_k(
+            self.learner.updater,
+            self.tokenizer,
+            candidates,
+            self.probes(doc),
+            gold=doc.questions,
+            scoring="nll",
+            max_new_tokens=self.max_new_tokens,
         )
-
-    def _tagged(self, sequences: list[str], source: str | None) -> list[str]:
-        return [self.training_text(s, source) for s in sequences]
+        self.choices.append(choice)
+        return choice.results[choice.chosen]
 
     def probes(self, doc: Document) -> list[QA]:
         """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
@@ -225,33 +241,9 @@ class SealMethod(LoraMethod):
         }
 
 
-class BaseMethod:
-    """The unadapted base: the 'before' of every comparison."""
-
-    name = "base"
-
-    def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        self.model, self.tokenizer = load_base(model_dir, device=cfg.device)
-        self.max_new_tokens = cfg.max_new_tokens
-
-    def ingest(self, doc: Document) -> None:
-        return None
-
-    def memory_bytes(self) -> int:
-        """What the method keeps to answer from, beyond the base model."""
-        return 0
-
-    def summary(self) -> dict[str, float]:
-        return {}
-
-    def answer(self, questions: Sequence[str]) -> list[str]:
-        return generate_answers(
-            self.model, self.tokenizer, questions, max_new_tokens=self.max_new_tokens
-        )
-
-
 class RagMethod(BaseMethod):
-    """Retrieval over the stored documents with the unchanged base: the strong, cheap baseline."""
+    """Retrieval over the stored documents with the unchanged base: the strong, cheap baseline.
+    Trust does not apply: a document is stored or not."""
 
     name = "rag"
 
@@ -260,21 +252,23 @@ class RagMethod(BaseMethod):
         self.retriever = Retriever()
         self.k = cfg.rag_k
 
-    def ingest(self, doc: Document) -> None:
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.retriever.add(doc.id, doc.text)
+        return IngestResult(applied=True)
 
     def memory_bytes(self) -> int:
         return self.retriever.nbytes
 
-    def answer(self, questions: Sequence[str]) -> list[str]:
-        contexts = [as_context(self.retriever.search(q, self.k)) for q in questions]
-        return generate_answers(
-            self.model,
-            self.tokenizer,
-            questions,
-            contexts=contexts,
-            max_new_tokens=self.max_new_tokens,
-        )
+    def reset(self) -> None:
+        self.retriever = Retriever()
+
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """With the given contexts (reading), else with what the retriever finds."""
+        if contexts is None:
+            contexts = [as_context(self.retriever.search(q, self.k)) for q in questions]
+        return super().answer(questions, contexts)
 
 
 class MacMethod(BaseMethod):
@@ -283,21 +277,28 @@ class MacMethod(BaseMethod):
     name = "mac"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        from adaptation.mac.bank import MemoryBank
         from adaptation.mac.system import MacSystem
 
         super().__init__(model_dir, cfg)
         self.system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
-        self.system.bank = MemoryBank(self.system.bank.num_tokens, self.system.bank.width)
+        self.reset()
 
-    def ingest(self, doc: Document) -> None:
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.system.ingest(doc.id, doc.text)
+        return IngestResult(applied=True)
 
-    def answer(self, questions: Sequence[str]) -> list[str]:
-        return self.system.answer(questions, max_new_tokens=self.max_new_tokens)
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        return self.system.answer(questions, contexts=contexts, max_new_tokens=self.max_new_tokens)
 
     def memory_bytes(self) -> int:
         return self.system.bank.nbytes
+
+    def reset(self) -> None:
+        from adaptation.mac.bank import MemoryBank
+
+        self.system.bank = MemoryBank(self.system.bank.num_tokens, self.system.bank.width)
 
 
 class MacRagMethod(MacMethod):
@@ -306,15 +307,19 @@ class MacRagMethod(MacMethod):
     name = "mac+rag"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        super().__init__(model_dir, cfg)
-        self.retriever = Retriever()
+        super().__init__(model_dir, cfg)  # its reset() makes the empty bank and index
         self.k = cfg.rag_k
 
-    def ingest(self, doc: Document) -> None:
-        super().ingest(doc)
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.retriever.add(doc.id, doc.text)
+        return super().ingest(doc, trust)
 
-    def answer(self, questions: Sequence[str]) -> list[str]:
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """With the given contexts (reading) over the whole bank, else over what is retrieved."""
+        if contexts is not None:
+            return super().answer(questions, contexts)
         hits = [self.retriever.search(q, self.k) for q in questions]
         return self.system.answer(
             questions,
@@ -326,10 +331,14 @@ class MacRagMethod(MacMethod):
     def memory_bytes(self) -> int:
         return super().memory_bytes() + self.retriever.nbytes
 
+    def reset(self) -> None:
+        super().reset()
+        self.retriever = Retriever()
+
 
 def make_method(
     name: str, model_dir: str, cfg: EvalConfig, lr: float, seed: int, corpus: list[str]
-) -> Method:
+) -> BaseMethod:
     if name in ("seal", "seal-best"):
         return SealMethod(model_dir, cfg, lr, seed, cfg.best_of_k if name == "seal-best" else 0)
     if name in UPDATE_STRATEGIES:
@@ -349,11 +358,98 @@ def make_method(
     raise ValueError(f"unknown strategy {name!r}; choose from {known}")
 
 
-def _score(method: Method, qas: Sequence[QA]) -> dict[str, float]:
+def _unscored() -> dict[str, float]:
+    return {"em": float("nan"), "f1": float("nan"), "recall": float("nan"), "n": 0}
+
+
+def _score(
+    method: BaseMethod, qas: Sequence[QA], contexts: Sequence[str] | None = None
+) -> dict[str, float]:
     if not qas:
-        return {"em": float("nan"), "f1": float("nan"), "n": 0}
-    preds = method.answer([q.question for q in qas])
+        return _unscored()
+    preds = method.answer([q.question for q in qas], contexts)
     return score(preds, [q.answers for q in qas])
+
+
+def _by_document(
+    method: BaseMethod, docs: Sequence[Document]
+) -> tuple[dict[str, float], list[dict[str, float] | None]]:
+    """Scores on every question of the documents, and on each document's own (None for a
+    document without questions), from one round of answers."""
+    qas = all_questions(docs)
+    if not qas:
+        return _unscored(), [None] * len(docs)
+    preds = method.answer([q.question for q in qas])
+    out: list[dict[str, float] | None] = []
+    k = 0
+    for d in docs:
+        n = len(d.questions)
+        out.append(score(preds[k : k + n], [q.answers for q in d.questions]) if n else None)
+        k += n
+    return score(preds, [q.answers for q in qas]), out
+
+
+def _mean(scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Scores averaged over documents (each document counts once, whatever its questions)."""
+    if not scores:
+        return _unscored()
+    out = {k: statistics.fmean(s[k] for s in scores) for k in ("em", "f1", "recall")}
+    return out | {"n": sum(s["n"] for s in scores)}
+
+
+@dataclass(frozen=True)
+class Held:
+    """What learning must not break: closed-book retention questions the base already answers,
+    and held-out passages' questions each asked with its own passage in context (does the model
+    still read?)."""
+
+    retention: list[QA] = field(default_factory=list)
+    reading: list[QA] = field(default_factory=list)
+    reading_contexts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, retention: Path | None, reading: Path | None) -> Held:
+        passages = read_documents(reading) if reading else []
+        return cls(
+            retention=all_questions(read_documents(retention)) if retention else [],
+            reading=all_questions(passages),
+            reading_contexts=[d.text for d in passages for _ in d.questions],
+        )
+
+    def score(self, method: BaseMethod) -> tuple[dict[str, float], dict[str, float], float]:
+        """Retention and reading scores, and the seconds per retention question."""
+        t = time.perf_counter()
+        retention = _score(method, self.retention)
+        seconds = (time.perf_counter() - t) / max(1, len(self.retention))
+        return retention, _score(method, self.reading, self.reading_contexts), seconds
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The base's scores that a run on `docs` is measured against."""
+
+    docs: list[Document]
+    held: Held
+    stream: dict[str, float]  # every question of the documents
+    per_doc: list[dict[str, float] | None]  # each document's own questions
+    retention: dict[str, float]
+    reading: dict[str, float]
+
+    @classmethod
+    def measure(cls, base: BaseMethod, docs: list[Document], held: Held) -> Baseline:
+        retention, reading, _ = held.score(base)
+        stream, per_doc = _by_document(base, docs)
+        return cls(docs, held, stream, per_doc, retention, reading)
+
+    def on(self, base: BaseMethod, docs: list[Document]) -> Baseline:
+        """The same held-out scores, for other documents (a sweep's validation stream)."""
+        stream, per_doc = _by_document(base, docs)
+        return replace(self, docs=docs, stream=stream, per_doc=per_doc)
+
+    def before(self, protocol: EvalProtocol) -> dict[str, float]:
+        if protocol == "stream":
+            return self.stream
+        return _mean([s for s in self.per_doc if s is not None])
 
 
 @dataclass
@@ -366,6 +462,8 @@ class RunResult:
     after: dict[str, float]
     retention_before: dict[str, float]
     retention_after: dict[str, float]
+    reading_before: dict[str, float]
+    reading_after: dict[str, float]
     seconds_per_doc: float
     answer_seconds_per_question: float
     curve: list[tuple[int, float]]
@@ -379,85 +477,128 @@ class RunResult:
         return self.after["f1"] - self.before["f1"]
 
     @property
+    def uptake_recall(self) -> float:
+        return self.after["recall"] - self.before["recall"]
+
+    @property
     def retention(self) -> float:
-        b = self.retention_before["f1"]
-        return self.retention_after["f1"] / b if b > 0 else float("nan")
+        return _kept(self.retention_before, self.retention_after)
+
+    @property
+    def reading(self) -> float:
+        return _kept(self.reading_before, self.reading_after)
 
 
-def stream_once(
-    method: Method,
-    docs: Sequence[Document],
-    retention_qas: Sequence[QA],
-    before: dict[str, float],
-    retention_before: dict[str, float],
-    checkpoints: int,
-    seed: int,
-    lr: float | None,
-    progress: bool = True,
-    matrix: bool = False,
-    steps: int | None = None,
-) -> RunResult:
-    """Feed the stream once, scoring all stream questions at a few points along the way.
+def _kept(before: dict[str, float], after: dict[str, float]) -> float:
+    return after["f1"] / before["f1"] if before["f1"] > 0 else float("nan")
 
-    With `matrix`, after every document j it also scores each earlier document i's questions:
-    the lower-triangular stream-retention matrix R[i][j].
-    """
+
+@dataclass(frozen=True)
+class Run:
+    """One strategy's run: what it is called and trained with, and how much it reports."""
+
+    name: str
+    seed: int
+    lr: float | None
+    steps: int | None
+    checkpoints: int = 0
+    matrix: bool = False
+    progress: bool = True
+
+
+def _marks(n: int, checkpoints: int) -> set[int]:
+    marks = {round(n * (i + 1) / checkpoints) for i in range(checkpoints)} if checkpoints else set()
+    return marks | {n}
+
+
+def run_method(method: BaseMethod, base: Baseline, cfg: EvalConfig, run: Run) -> RunResult:
+    """The method through the configured protocol on the baseline's documents."""
+    trust = SourceTrust(cfg.trust)
+    if cfg.protocol == "single":
+        return _single(method, base, trust, run)
+    return _stream(method, base, trust, run)
+
+
+def _stream(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) -> RunResult:
+    """Feed the documents once, in order, scoring all their questions at a few points along the
+    way. With `run.matrix`, after every document j it also scores each earlier document i's
+    questions: the lower-triangular stream-retention matrix R[i][j]."""
+    docs = base.docs
     qas = all_questions(docs)
-    grid: list[list[float | None]] = [[None] * len(docs) for _ in docs] if matrix else []
-    marks = (
-        {round(len(docs) * (i + 1) / checkpoints) for i in range(checkpoints)}
-        if checkpoints
-        else set()
-    )
-    marks.add(len(docs))
-    curve = [(0, before["f1"])]
+    grid: list[list[float | None]] = [[None] * len(docs) for _ in docs] if run.matrix else []
+    marks = _marks(len(docs), run.checkpoints)
+    curve = [(0, base.stream["f1"])]
     ingest_s = 0.0
-    after = before
-    for n, doc in enumerate(
-        tqdm(docs, desc=f"{method.name} lr={lr}", unit="doc", disable=not progress), 1
-    ):
+    after = base.stream
+    desc = f"{run.name} lr={run.lr}"
+    for n, doc in enumerate(tqdm(docs, desc=desc, unit="doc", disable=not run.progress), 1):
         t = time.perf_counter()
-        method.ingest(doc)
+        method.ingest(doc, trust.update_scale(doc.source))
         ingest_s += time.perf_counter() - t
-        if matrix:
-            for i, f1 in enumerate(_per_document_f1(method, docs[:n])):
-                grid[i][n - 1] = f1
+        if run.matrix:
+            for i, scored in enumerate(_by_document(method, docs[:n])[1]):
+                grid[i][n - 1] = None if scored is None else scored["f1"]
         if n in marks:
             after = _score(method, qas)
             curve.append((n, after["f1"]))
-    t = time.perf_counter()
-    retention_after = _score(method, retention_qas)
-    answer_s = (time.perf_counter() - t) / max(1, len(retention_qas))
+    return _result(method, base, run, base.stream, after, curve, ingest_s, grid)
+
+
+def _single(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) -> RunResult:
+    """SEAL's protocol: each document learned alone from a fresh start and asked its own
+    questions; the curve is the running mean over the documents learned so far. Retention and
+    reading are measured after the last document, before its reset."""
+    marks = _marks(len(base.docs), run.checkpoints)
+    before = base.before("single")
+    curve = [(0, before["f1"])]
+    afters: list[dict[str, float]] = []
+    ingest_s = 0.0
+    desc = f"{run.name} lr={run.lr} (single)"
+    pairs = list(zip(base.docs, base.per_doc, strict=True))
+    for n, (doc, doc_before) in enumerate(
+        tqdm(pairs, desc=desc, unit="doc", disable=not run.progress), 1
+    ):
+        method.reset()
+        t = time.perf_counter()
+        method.ingest(doc, trust.update_scale(doc.source))
+        ingest_s += time.perf_counter() - t
+        if doc_before is not None:
+            afters.append(_score(method, doc.questions))
+        if n in marks:
+            curve.append((n, _mean(afters)["f1"]))
+    return _result(method, base, run, before, _mean(afters), curve, ingest_s, [])
+
+
+def _result(
+    method: BaseMethod,
+    base: Baseline,
+    run: Run,
+    before: dict[str, float],
+    after: dict[str, float],
+    curve: list[tuple[int, float]],
+    ingest_s: float,
+    grid: list[list[float | None]],
+) -> RunResult:
+    retention, reading, answer_s = base.held.score(method)
     return RunResult(
-        strategy=method.name,
-        seed=seed,
-        lr=lr,
-        steps=steps,
+        strategy=run.name,
+        seed=run.seed,
+        lr=run.lr,
+        steps=run.steps,
         before=before,
         after=after,
-        retention_before=retention_before,
-        retention_after=retention_after,
-        seconds_per_doc=ingest_s / max(1, len(docs)),
+        retention_before=base.retention,
+        retention_after=retention,
+        reading_before=base.reading,
+        reading_after=reading,
+        seconds_per_doc=ingest_s / max(1, len(base.docs)),
         answer_seconds_per_question=answer_s,
         curve=curve,
-        n_docs=len(docs),
+        n_docs=len(base.docs),
         memory_bytes=method.memory_bytes(),
         matrix=grid,
         summary=method.summary(),
     )
-
-
-def _per_document_f1(method: Method, docs: Sequence[Document]) -> list[float | None]:
-    """Mean F1 over each document's own questions (None for a document without questions)."""
-    qas = all_questions(docs)
-    preds = method.answer([q.question for q in qas]) if qas else []
-    out: list[float | None] = []
-    k = 0
-    for d in docs:
-        n = len(d.questions)
-        out.append(score(preds[k : k + n], [q.answers for q in d.questions])["f1"] if n else None)
-        k += n
-    return out
 
 
 def matrix_summary(grid: list[list[float | None]]) -> dict[str, float]:
@@ -507,6 +648,13 @@ def default_retention_file(data: Path) -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def _describe(r: RunResult) -> str:
+    return (
+        f"uptake F1 {r.uptake_f1:+.3f}, recall {r.uptake_recall:+.3f}, "
+        f"retention {r.retention:.3f}, reading {r.reading:.3f}"
+    )
+
+
 def run_eval(
     data: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
@@ -515,31 +663,39 @@ def run_eval(
     retention: str | os.PathLike[str] | None = None,
     val_data: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = print,
+    reading: str | os.PathLike[str] | None = None,
 ) -> dict:
-    """The whole `uptake eval`: optional lr sweep on a validation stream, then every strategy on
-    the stream for every seed; writes report.json, report.md and uptake.png."""
+    """The whole `uptake eval`: optional lr sweep on a validation stream, then every strategy
+    through the protocol for every seed; writes report.json, report.md and uptake.png."""
+    if cfg.protocol == "single" and cfg.retention_matrix:
+        raise ValueError(
+            "the retention matrix scores earlier documents under one adapter: it needs the "
+            "stream protocol"
+        )
     data_p = Path(data)
     docs = read_documents(data_p, cfg.limit)
     if not all_questions(docs):
         raise ValueError(f"{data_p} has no questions to score: uptake needs QA about the stream")
     ret_p = Path(retention) if retention else default_retention_file(data_p)
-    retention_qas = all_questions(read_documents(ret_p)) if ret_p else []
+    held = Held.read(ret_p, Path(reading) if reading else None)
     corpus = [d.text for d in docs]
     model_dir = str(model_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    base = BaseMethod(model_dir, cfg)
-    before = _score(base, all_questions(docs))
-    retention_before = _score(base, retention_qas)
-    log(f"base: stream F1 {before['f1']:.3f}, retention F1 {retention_before['f1']:.3f}")
+    bare = BaseMethod(model_dir, cfg)
+    base = Baseline.measure(bare, docs, held)
+    before = base.before(cfg.protocol)
+    log(
+        f"base ({cfg.protocol}): F1 {before['f1']:.3f}, recall {before['recall']:.3f}, "
+        f"retention F1 {base.retention['f1']:.3f}, reading F1 {base.reading['f1']:.3f}"
+    )
 
     sweep: dict[str, list[dict]] = {}
     if cfg.sweep_lrs:
         if not val_data:
             raise ValueError("an lr sweep needs a validation stream (--val FILE)")
-        val_docs = read_documents(val_data, cfg.limit)
-        val_before = _score(base, all_questions(val_docs))
+        val = base.on(bare, read_documents(val_data, cfg.limit))
         for name in cfg.strategies:
             if name not in UPDATE_STRATEGIES:
                 continue
@@ -548,32 +704,21 @@ def run_eval(
                 for steps in cfg.sweep_steps or (cfg.steps_per_doc,):
                     trial = replace(cfg, steps_per_doc=steps)
                     method = make_method(name, model_dir, trial, lr, cfg.seeds[0], corpus)
-                    r = stream_once(
-                        method,
-                        val_docs,
-                        retention_qas,
-                        val_before,
-                        retention_before,
-                        0,
-                        cfg.seeds[0],
-                        lr,
-                    )
+                    r = run_method(method, val, trial, Run(name, cfg.seeds[0], lr, steps))
                     rows.append(
                         {
                             "lr": lr,
                             "steps": steps,
                             "uptake_f1": r.uptake_f1,
+                            "uptake_recall": r.uptake_recall,
                             "retention": r.retention,
                         }
                     )
-                    log(
-                        f"sweep {name} lr={lr:g} steps={steps}: uptake {r.uptake_f1:+.3f} "
-                        f"retention {r.retention:.3f}"
-                    )
+                    log(f"sweep {name} lr={lr:g} steps={steps}: {_describe(r)}")
             sweep[name] = rows
             best = choose_setting(rows, cfg.retention_floor)
             cfg.tuned[name] = (best["lr"], best["steps"])
-    del base
+    del bare
 
     results: list[RunResult] = []
     for name in cfg.strategies:
@@ -581,27 +726,20 @@ def run_eval(
             lr, steps = cfg.tuned.get(name, (cfg.lr, cfg.steps_per_doc))
             run_cfg = replace(cfg, steps_per_doc=steps)
             method = make_method(name, model_dir, run_cfg, lr, seed, corpus)
-            if name not in UPDATE_STRATEGIES:
-                lr = steps = None
-            r = stream_once(
-                method,
-                docs,
-                retention_qas,
-                before,
-                retention_before,
-                cfg.checkpoints,
+            gradient = name in UPDATE_STRATEGIES
+            run = Run(
+                name,
                 seed,
-                lr,
+                lr if gradient else None,
+                steps if gradient else None,
+                checkpoints=cfg.checkpoints,
                 matrix=cfg.retention_matrix and seed == cfg.seeds[0],
-                steps=steps,
             )
+            r = run_method(method, base, run_cfg, run)
             results.append(r)
-            log(
-                f"{name} seed={seed}: uptake F1 {r.uptake_f1:+.3f}, retention {r.retention:.3f}, "
-                f"{r.seconds_per_doc * 1000:.0f} ms/doc"
-            )
+            log(f"{name} seed={seed}: {_describe(r)}, {r.seconds_per_doc * 1000:.0f} ms/doc")
             del method
-    report = build_report(results, before, retention_before, cfg, data_p, model_dir, sweep)
+    report = build_report(results, base, cfg, data_p, model_dir, sweep)
     write_report(report, out)
     return report
 
@@ -629,13 +767,13 @@ def _mean_spread(values: list[float]) -> dict[str, float]:
 
 def build_report(
     results: list[RunResult],
-    before: dict,
-    retention_before: dict,
+    base: Baseline,
     cfg: EvalConfig,
     data: Path,
     model_dir: str,
     sweep: dict,
 ) -> dict:
+    before = base.before(cfg.protocol)
     rows = []
     for name in dict.fromkeys(r.strategy for r in results):
         rs = [r for r in results if r.strategy == name]
@@ -646,11 +784,15 @@ def build_report(
                 "steps": rs[0].steps,
                 "seeds": [r.seed for r in rs],
                 "f1_before": before["f1"],
+                "recall_before": before["recall"],
                 "em_before": before["em"],
                 "f1_after": _mean_spread([r.after["f1"] for r in rs]),
+                "recall_after": _mean_spread([r.after["recall"] for r in rs]),
                 "em_after": _mean_spread([r.after["em"] for r in rs]),
                 "uptake_f1": _mean_spread([r.uptake_f1 for r in rs]),
+                "uptake_recall": _mean_spread([r.uptake_recall for r in rs]),
                 "retention": _mean_spread([r.retention for r in rs]),
+                "reading": _mean_spread([r.reading for r in rs]),
                 "seconds_per_doc": statistics.fmean(r.seconds_per_doc for r in rs),
                 "answer_ms": 1000 * statistics.fmean(r.answer_seconds_per_question for r in rs),
                 "memory_bytes": rs[0].memory_bytes,
@@ -665,17 +807,28 @@ def build_report(
             rows[-1]["summary"] = {
                 k: _mean_spread([r.summary[k] for r in rs]) for k in rs[0].summary
             }
-    cfg_json = asdict(cfg)
     return {
         "data": str(data),
         "model": model_dir,
-        "config": cfg_json,
-        "questions": int(before["n"]),
-        "retention_questions": int(retention_before["n"]),
-        "base": {"stream": before, "retention": retention_before},
+        "protocol": cfg.protocol,
+        "config": asdict(cfg),
+        "documents": len(base.docs),
+        "questions": int(base.stream["n"]),
+        "retention_questions": int(base.retention["n"]),
+        "reading_questions": int(base.reading["n"]),
+        "base": {"stream": before, "retention": base.retention, "reading": base.reading},
         "strategies": rows,
         "sweep": sweep,
-        "runs": [asdict(r) | {"uptake_f1": r.uptake_f1, "retention": r.retention} for r in results],
+        "runs": [
+            asdict(r)
+            | {
+                "uptake_f1": r.uptake_f1,
+                "uptake_recall": r.uptake_recall,
+                "retention": r.retention,
+                "reading": r.reading,
+            }
+            for r in results
+        ],
     }
 
 
@@ -690,31 +843,65 @@ def _pm(stat: dict[str, float]) -> str:
 def _trained_part(cfg: dict) -> str:
     if cfg.get("full_finetune"):
         return "gradient strategies train every weight of the base (full fine-tuning)"
-    return f"gradient strategies train a rank-{cfg['lora_rank']} LoRA adapter"
+    lora = cfg["lora"]
+    return f"gradient strategies train a rank-{lora['rank']} LoRA adapter (alpha {lora['alpha']})"
+
+
+def _protocol_text(report: dict) -> str:
+    cfg = report["config"]
+    epochs = cfg["learning"]["epochs"]
+    passes = f"{epochs} pass{'es' if epochs != 1 else ''} over its training sequences"
+    if report["protocol"] == "single":
+        return (
+            f"Protocol single (SEAL's): each of the {report['documents']} documents is learned "
+            f"alone from a fresh adapter ({passes}) and asked its own questions closed-book, "
+            "then the adapter is reset. Before, after and uptake are means over the documents "
+            "with questions; the curve is the running mean over the documents learned so far. "
+            "Retention and reading are measured after the last document's adapter, before its "
+            "reset."
+        )
+    return (
+        f"Protocol stream: one adapter (or store) reads the {report['documents']} documents "
+        f"once, in order ({passes} each), and is asked all their questions closed-book at the "
+        "end."
+    )
 
 
 def report_markdown(report: dict) -> str:
+    cfg = report["config"]
+    reading = (
+        f"reading = F1 on {report['reading_questions']} held-out questions asked with their own "
+        "passage in context, after / before"
+        if report["reading_questions"]
+        else "reading: no held-out passages given (–)"
+    )
     lines = [
         f"# uptake eval: {Path(report['data']).name}",
         "",
-        f"Model `{report['model']}`; {_trained_part(report['config'])}; "
+        f"Model `{report['model']}`; {_trained_part(cfg)}; "
         f"{report['questions']} stream questions, "
-        f"{report['retention_questions']} retention questions. Uptake = F1 after − F1 before; "
-        "retention = retention F1 after / before. ± is the standard deviation over seeds. "
-        "State bytes / doc is what the method keeps beyond the base, over the stream's length "
-        "(for LoRA a fixed-size adapter, so it shrinks as the stream grows).",
+        f"{report['retention_questions']} retention questions. {_protocol_text(report)} "
+        "Uptake = after − before, in F1 and in recall (the share of the gold answer's tokens "
+        f"in the first sentence of an answer capped at {cfg['max_new_tokens']} new tokens); "
+        f"retention = closed-book retention F1 after / before; {reading}. ± is the standard "
+        "deviation over seeds. State bytes / doc is what the method keeps beyond the base, "
+        "over the number of documents (for LoRA a fixed-size adapter, so it shrinks as the "
+        "stream grows).",
         "",
-        "| strategy | lr × steps | F1 before | F1 after | uptake F1 | EM before | EM after | retention "
-        "| ms / doc | answer ms / q | state bytes / doc |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| strategy | lr × steps | F1 before | F1 after | uptake F1 | recall before | "
+        "recall after | uptake recall | EM before | EM after | retention | reading | ms / doc | "
+        "answer ms / q | state bytes / doc |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for r in report["strategies"]:
         lr = f"{r['lr']:g} × {r['steps']}" if r["lr"] else "–"
         lines.append(
             f"| {r['strategy']} | {lr} | {r['f1_before']:.3f} | {_pm(r['f1_after'])} | "
-            f"{_pm(r['uptake_f1'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
-            f"{_pm(r['retention'])} | {1000 * r['seconds_per_doc']:.1f} | {r['answer_ms']:.1f} | "
-            f"{r['bytes_per_doc']:,.0f} |"
+            f"{_pm(r['uptake_f1'])} | {r['recall_before']:.3f} | {_pm(r['recall_after'])} | "
+            f"{_pm(r['uptake_recall'])} | {r['em_before']:.3f} | {_pm(r['em_after'])} | "
+            f"{_pm(r['retention'])} | {_pm(r['reading'])} | {1000 * r['seconds_per_doc']:.1f} | "
+            f"{r['answer_ms']:.1f} | {r['bytes_per_doc']:,.0f} |"
         )
     with_matrix = [r for r in report["strategies"] if r.get("matrix")]
     if with_matrix:
@@ -758,12 +945,13 @@ def report_markdown(report: dict) -> str:
             "",
             "## Learning-rate sweep (validation stream)",
             "",
-            "| strategy | lr | steps / doc | uptake F1 | retention |",
-            "| --- | --- | --- | --- | --- |",
+            "| strategy | lr | steps / doc | uptake F1 | uptake recall | retention |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for name, rows in report["sweep"].items():
             lines += [
-                f"| {name} | {r['lr']:g} | {r['steps']} | {r['uptake_f1']:+.3f} | {r['retention']:.3f} |"
+                f"| {name} | {r['lr']:g} | {r['steps']} | {r['uptake_f1']:+.3f} | "
+                f"{r['uptake_recall']:+.3f} | {r['retention']:.3f} |"
                 for r in rows
             ]
     lines += ["", "![uptake](uptake.png)", ""]
@@ -781,7 +969,11 @@ def plot_uptake(report: dict, path: Path) -> None:
         xs, ys = zip(*r["curve"], strict=True)
         ax.plot(xs, ys, marker="o", label=r["strategy"])
     ax.set_xlabel("documents seen")
-    ax.set_ylabel("F1 on stream questions")
+    ax.set_ylabel(
+        "mean F1 on each document's own questions"
+        if report["protocol"] == "single"
+        else "F1 on stream questions"
+    )
     ax.set_title(f"Uptake on {Path(report['data']).name}")
     ax.grid(alpha=0.3)
     ax.legend()

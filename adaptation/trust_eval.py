@@ -45,8 +45,11 @@ from adaptation.conflicts import (
 )
 from adaptation.data import QA, Document, all_questions
 from adaptation.evaluation import EvalConfig, LoraMethod
+from adaptation.learner import LearnSettings
 from adaptation.metrics import score
+from adaptation.modeling import LoraSettings
 from adaptation.prompts import qa_tokens
+from adaptation.trust import SourceTrust
 from adaptation.weighting import make_weighter
 from adaptation.weighting.base import WeightedText
 from adaptation.world import WorldConfig
@@ -94,13 +97,15 @@ class TrustConfig:
             )
 
 
-def _learner(model_dir: str, cfg: TrustConfig, seed: int, **options: object) -> LoraMethod:
+def _learner(
+    model_dir: str, cfg: TrustConfig, seed: int, tag_salt: str | None = None
+) -> LoraMethod:
     eval_cfg = EvalConfig(
         lr=cfg.lr,
         steps_per_doc=cfg.steps_per_doc,
-        lora_rank=cfg.lora_rank,
+        lora=LoraSettings(rank=cfg.lora_rank),
+        learning=LearnSettings(tag_salt=tag_salt),
         device=cfg.device,
-        **options,  # type: ignore[arg-type]
     )
     return LoraMethod(model_dir, make_weighter("uniform"), eval_cfg, cfg.lr, seed)
 
@@ -133,13 +138,14 @@ def explicit_trust_run(model_dir: str, cfg: TrustConfig, seed: int) -> dict[str,
         "reliable_only": {RELIABLE: cfg.trusted, UNRELIABLE: 0.0},
     }
     out: dict[str, object] = {"seed": seed, "contested": len(items)}
-    for name, trust in settings.items():
-        method = _learner(model_dir, cfg, seed, trust=trust)
+    for name, weights in settings.items():
+        trust = SourceTrust(weights)
+        method = _learner(model_dir, cfg, seed)
         if name == "equal":
             out["before"] = {s: _fact_scores(method, _by_source(plain, s)) for s in SOURCES}
             out["before_win_rate"] = trusted_win_rate(method.model, method.tokenizer, items)
         for doc in tqdm(docs, desc=f"trust seed={seed} {name}", unit="doc", leave=False):
-            method.ingest(doc)
+            method.ingest(doc, trust.update_scale(doc.source))
         outcomes = answer_outcomes(method.answer([c.question for c in items]), items)
         out[name] = {
             "win_rate": trusted_win_rate(method.model, method.tokenizer, items),
@@ -183,7 +189,8 @@ def learned_trust_run(model_dir: str, cfg: TrustConfig, seed: int, tags: bool) -
         # Stage 1 repeats its texts for epochs, so the losses the updater's explosion check takes
         # as typical fall far below any new text's, and it would refuse all of stage 2. The
         # checks for non-finite losses and weights stay on.
-        method.updater.config = replace(method.updater.config, divergence_factor=math.inf)
+        updater = method.learner.updater
+        updater.config = replace(updater.config, divergence_factor=math.inf)
         groups = {src: _by_source(docs, src) for src in SOURCES}
         before = {src: _nll(method, qas) for src, qas in groups.items()}
         steps: list[Document | QA] = [*stage1, *all_questions(stage1)]
@@ -195,7 +202,7 @@ def learned_trust_run(model_dir: str, cfg: TrustConfig, seed: int, tags: bool) -
                 if isinstance(step, Document):
                     method.ingest(step)
                 else:
-                    method.updater.apply([_qa_text(method, step)])
+                    updater.apply([_qa_text(method, step)])
         for doc in docs:
             method.ingest(doc)
         for src, qas in groups.items():
@@ -223,13 +230,13 @@ def forgetting_run(
     method = _learner(model_dir, replace(cfg, lr=lr, steps_per_doc=steps), seed)
     for doc in plain[:warm]:
         method.ingest(doc)
-    start = method.updater.snapshot()
+    start = method.learner.updater.snapshot()
     wins = dict.fromkeys(cfg.forget_after, 0.0)
     items = conflict_items(docs)[: cfg.forget_items]
     before = trusted_win_rate(method.model, method.tokenizer, items)
     desc = f"forgetting seed={seed} lr={lr:g}x{steps} after {warm}"
     for item in tqdm(items, desc=desc, leave=False):
-        method.updater.restore(start)
+        method.learner.updater.restore(start)
         method.ingest(article[item.question])
         seen = 0
         for k in cfg.forget_after:

@@ -30,14 +30,13 @@ import torch
 
 from adaptation.answering import generate_answers
 from adaptation.data import Document
-from adaptation.modeling import attach_lora, load_base
-from adaptation.updater import OnlineUpdater
-from adaptation.weighting.base import encode_weighted
+from adaptation.learner import Learner, fresh_adapter
+from adaptation.modeling import load_base
 from adaptation.world import World, WorldConfig
 from service.documents import DocumentStore
 from service.redis_conn import redis_url
 from service.settings import Settings
-from service.worker import Worker, build_weighter
+from service.worker import LORA_SEED, Worker, build_weighter, learn_settings
 
 NAMESPACE = "bench"
 WARMUP_DOCS = 2
@@ -71,18 +70,18 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 class BareLoop:
-    """The update steps alone, on their own copy of the model: no Redis, queue or snapshots."""
+    """The worker's learner alone, on its own copy of the model: no Redis, queue or snapshots."""
 
     def __init__(self, settings: Settings) -> None:
-        model, self.tokenizer = load_base(settings.model, settings.device)
-        self.updater = OnlineUpdater(attach_lora(model, settings.lora()), settings.update())
-        self.weighter = build_weighter(settings)
-        self.max_tokens = settings.max_doc_tokens
+        base, tokenizer = load_base(settings.model, settings.device)
+        model = fresh_adapter(base, settings.lora(), LORA_SEED)
+        self.learner = Learner(
+            model, tokenizer, build_weighter(settings), settings.update(), learn_settings(settings)
+        )
 
     def run(self, texts: list[str]) -> None:
-        for text in texts:
-            weighted = encode_weighted(text, self.tokenizer, self.weighter, self.max_tokens)
-            self.updater.apply([weighted])
+        for i, text in enumerate(texts):
+            self.learner.learn(Document(f"bare-{i}", text, source="bench"))
 
 
 def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float = 3600) -> None:

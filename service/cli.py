@@ -140,12 +140,31 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="stream a dataset through each strategy and score uptake and retention",
-        description="Every strategy starts from the same base and reads the stream once; it is "
-        "scored closed-book on the stream's questions and on retention questions. Writes "
-        "report.json, report.md and uptake.png to --out.",
+        help="learn a dataset with each strategy and score uptake, retention and reading",
+        description="Every strategy starts from the same base and learns the documents (the "
+        "gradient strategies through the worker's own learner), under --protocol stream (one "
+        "adapter reads them in order) or single (each document alone from a fresh adapter). "
+        "It is scored closed-book on the documents' questions (F1, and recall of the gold "
+        "answer in the answer's first sentence), on retention questions, and in context on "
+        "--reading passages. Writes report.json, report.md and uptake.png to --out.",
     )
     p.add_argument("--data", required=True, help="JSONL stream or SQuAD-style JSON")
+    p.add_argument(
+        "--protocol",
+        choices=["stream", "single"],
+        default="stream",
+        help="stream: one adapter (or store) reads the documents once, in order, and is asked "
+        "all their questions at the end; single (SEAL's): each document is learned alone from "
+        "a fresh adapter, asked its own questions, then the adapter is reset, and uptake is "
+        "the mean over documents (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_at_least_one,
+        default=1,
+        help="passes over each document's training sequences (its text's chunks, plus its "
+        "self-edits for seal), in either protocol (default: %(default)s)",
+    )
     p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")
     p.add_argument(
         "--strategies",
@@ -160,7 +179,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--retention",
         default=None,
-        help="retention QA file (default: retention_qa.jsonl beside --data, if any)",
+        help="retention QA file: questions the base already answers, asked closed-book "
+        "before and after (default: retention_qa.jsonl beside --data, if any)",
+    )
+    p.add_argument(
+        "--reading",
+        default=None,
+        help="held-out passages with questions (JSONL or SQuAD-style JSON): each question is "
+        "asked with its own passage in context, before and after, to tell whether the model "
+        "still reads (default: none)",
     )
     p.add_argument("--limit", type=int, default=None, help="use the first N documents")
     p.add_argument("--seed", type=int, default=None, help="one seed (shortcut for --seeds)")
@@ -184,7 +211,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="divide the weighted loss by the token count, the sum of weights, or a fixed "
         "1,024 (default: %(default)s)",
     )
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=16,
+        help="LoRA rank, as the service's UPTAKE_LORA_RANK (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=int,
+        default=32,
+        help="LoRA alpha (the update is scaled by alpha / rank), as the service's "
+        "UPTAKE_LORA_ALPHA (default: %(default)s)",
+    )
     p.add_argument(
         "--lora-targets",
         type=_names,
@@ -244,7 +283,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--source-tags",
         action="store_true",
-        help="prefix training text with a tag per source (IML, experimental)",
+        help="prefix training text with a tag per source, the service's tags "
+        "(UPTAKE_SOURCE_TAGS; IML, experimental)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(handler=_run_eval)
@@ -269,18 +309,31 @@ def _trust_weights(text: str) -> dict[str, float]:
     return weights
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from adaptation.bootstrap import ensure_demo_model
     from adaptation.evaluation import EvalConfig, report_markdown, run_eval
-    from adaptation.modeling import DEFAULT_TARGET_MODULES
+    from adaptation.learner import LearnSettings
+    from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 
     cfg = EvalConfig(
         strategies=_names(args.strategies),
+        protocol=args.protocol,
         lr=args.lr,
         steps_per_doc=args.steps_per_doc,
         normalisation=args.normalisation,
-        lora_rank=args.lora_rank,
-        lora_targets=args.lora_targets or DEFAULT_TARGET_MODULES,
+        lora=LoraSettings(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            target_modules=args.lora_targets or DEFAULT_TARGET_MODULES,
+        ),
+        learning=LearnSettings(tag_salt="" if args.source_tags else None, epochs=args.epochs),
         full_finetune=args.full_finetune,
         seeds=(args.seed,) if args.seed is not None else args.seeds,
         limit=args.limit,
@@ -294,10 +347,17 @@ def _run_eval(args: argparse.Namespace) -> int:
         retention_matrix=args.retention_matrix,
         best_of_k=args.best_of_k,
         trust=args.trust,
-        tag_salt="uptake" if args.source_tags else None,
     )
     model = args.model or str(ensure_demo_model())
-    report = run_eval(args.data, model, args.out, cfg, retention=args.retention, val_data=args.val)
+    report = run_eval(
+        args.data,
+        model,
+        args.out,
+        cfg,
+        retention=args.retention,
+        val_data=args.val,
+        reading=args.reading,
+    )
     print(report_markdown(report))
     return 0
 

@@ -16,13 +16,15 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adaptation.data import Document
+from adaptation.learner import IngestResult
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK, MacSystem
 from adaptation.modeling import load_base
 from adaptation.prompts import Message
 from service.engine import ServingEngine
 from service.settings import Settings
-from service.worker import PROBE_NEW_TOKENS, IngestDoc, IngestResult
+from service.worker import PROBE_NEW_TOKENS
 
 
 class MacModels:
@@ -66,13 +68,18 @@ class MacBackend:
     def __init__(self, system: MacSystem) -> None:
         self.system = system
 
-    def ingest(self, doc: IngestDoc) -> IngestResult:
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         # An id the bank already holds is a no-op that still counts as applied: it is learned.
         self.system.ingest(doc.id, doc.text)
         return IngestResult(applied=True)
 
-    def answer(self, questions: Sequence[str]) -> list[str]:
-        return self.system.answer(questions, max_new_tokens=PROBE_NEW_TOKENS)
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        return self.system.answer(questions, contexts=contexts, max_new_tokens=PROBE_NEW_TOKENS)
+
+    def memory_bytes(self) -> int:
+        return self.system.bank.nbytes
 
     def drop(self, doc_id: str) -> bool:
         """Forget a document by removing its entry; False if the bank does not hold it. Entries

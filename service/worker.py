@@ -12,15 +12,15 @@ What it guarantees (docs/architecture.md, "Service"):
   version whose F1 falls by more than epsilon is held back with its documents flagged;
 - admin operations queued by the API (configure, rollback, forget) run between documents.
 
-How a document is learned is a backend's business (`KnowledgeBackend`); the `lora` and `seal`
-modes ship here (each namespace trains its own LoRA adapter on one shared base model; seal also
-has the model write self-edits for documents sent without any), the `mac` mode in
-service/mac_mode.py.
+How a document is learned is a backend's business (`Backend`, the learning core's `Knowledge`
+plus snapshots); the `lora` and `seal` modes ship here as a thin wrapper over the learning
+core's `Learner`, which `uptake eval` learns through too (each namespace trains its own LoRA
+adapter on one shared base model; seal also has the base write self-edits for documents sent
+without any), the `mac` mode in service/mac_mode.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 import threading
@@ -34,29 +34,20 @@ from typing import Any, Protocol
 import redis
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers
+from adaptation.data import Document
+from adaptation.learner import (
+    IngestResult,
+    Knowledge,
+    Learner,
+    LearnSettings,
+    SelfEditWriting,
+    fresh_adapter,
+)
 from adaptation.metrics import score
-from adaptation.modeling import (
-    RNG_LOCK,
-    attach_lora,
-    context_window,
-    load_base,
-    lora_config,
-    save_adapter,
-    seeded,
-)
-from adaptation.self_edit import (
-    apply_with_self_edits,
-    generate_self_edits,
-    parse_self_edits,
-    self_edit_prompt,
-    training_sequences,
-)
-from adaptation.trust import apply_trusted, tag_text
-from adaptation.updater import OnlineUpdater, StepReport
-from adaptation.weighting.base import Weighter, encode_weighted
+from adaptation.modeling import RNG_LOCK, load_base, save_adapter
+from adaptation.weighting.base import Weighter
 from service.adapters import AdapterStore, Manifest, publish_version
 from service.documents import SETTLED, DocumentRecord, DocumentStore
 from service.keys import Keys
@@ -87,43 +78,11 @@ return 0
 """
 
 
-@dataclass(frozen=True)
-class IngestDoc:
-    """A document as a backend learns it, built by the worker from its Redis record. One value
-    rather than loose arguments, so a mode that needs more of a document gets it without the
-    interface changing."""
-
-    id: str  # names it where a backend keeps state per document (mac), and seeds seal's writing
-    text: str
-    title: str | None = None  # the record's metadata `title`; it heads each self-edit sequence
-    source: str | None = None
-    self_edits: tuple[str, ...] = ()  # as supplied, each still to be split into sequences
-    trust: float = 1.0  # scales the update (0: not learned); fixed when first learned
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    applied: bool
-    tokens: int = 0
-    reason: str | None = None
-    # How the document was learned, recorded on it (None: not a notion of this mode).
-    trust: float | None = None
-    sequences: int | None = None
-    self_edit_sequences: int | None = None
-    note: str | None = None
-
-
-class KnowledgeBackend(Protocol):
-    """What a mode does with one namespace's documents. The worker owns queueing, snapshots,
-    exactly-once and the update guard; a backend only learns, answers the guard's probe
-    questions, and writes its state into a snapshot directory."""
-
-    def ingest(self, doc: IngestDoc) -> IngestResult:
-        """Learn the document; the same document must be learned the same way every time, since
-        a forget replays a lineage and expects the lineage's result."""
-        ...
-
-    def answer(self, questions: Sequence[str]) -> list[str]: ...
+class Backend(Knowledge, Protocol):
+    """A mode in the worker: `Knowledge` (the learning core's interface, which the eval's
+    strategies answer to as well) that also writes its state into a snapshot directory and
+    lets go of it. The worker owns queueing, snapshots, exactly-once and the update guard; a
+    backend only learns, answers the guard's probe questions, and writes its state."""
 
     def write_state(self, directory: Path) -> None: ...
 
@@ -131,25 +90,26 @@ class KnowledgeBackend(Protocol):
 
 
 class BackendFactory(Protocol):
-    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> KnowledgeBackend:
+    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> Backend:
         """The namespace's backend under its own `settings`, restored from `snapshot` (None:
         start fresh)."""
         ...
 
 
-def split_text(text: str, max_chars: int) -> list[str]:
-    """Cut long documents at whitespace so no part is silently truncated by the token limit."""
-    chunks: list[str] = []
-    start = 0
-    while start < len(text):
-        end = min(len(text), start + max_chars)
-        if end < len(text):
-            cut = max(text.rfind(" ", start + max_chars // 2, end), text.rfind("\n", start, end))
-            if cut > start:
-                end = cut
-        chunks.append(text[start:end])
-        start = end
-    return [c for c in chunks if c.strip()]
+def learn_settings(settings: Settings) -> LearnSettings:
+    """How a namespace learns a document; mode seal also writes self-edits for documents sent
+    without any."""
+    write = (
+        SelfEditWriting(settings.self_edit_k, settings.self_edit_prompt, settings.self_edit_tokens)
+        if settings.mode == "seal"
+        else None
+    )
+    return LearnSettings(
+        chunk_chars=settings.chunk_chars,
+        max_doc_tokens=settings.max_doc_tokens,
+        tag_salt="" if settings.source_tags else None,
+        write=write,
+    )
 
 
 class LoraModels:
@@ -172,13 +132,10 @@ class LoraModels:
         # A new name each time: a namespace's state is replaced by opening the new one first.
         self._opened += 1
         name = f"ns_{namespace}_{self._opened}"
-        lora = self.settings.lora()
         if snapshot is None:
-            with seeded(LORA_SEED):
-                if self.model is None:
-                    self.model = attach_lora(self.base, lora, adapter_name=name)
-                else:
-                    self.model.add_adapter(name, lora_config(self.model, lora))
+            self.model = fresh_adapter(
+                self.model or self.base, self.settings.lora(), LORA_SEED, name
+            )
         elif self.model is None:
             with RNG_LOCK:  # loading initialises at random first (see RNG_LOCK)
                 self.model = PeftModel.from_pretrained(
@@ -191,7 +148,8 @@ class LoraModels:
 
 
 class LoraBackend:
-    """Weighted gradient steps on one namespace's adapter; its optimizer state rides in snapshots."""
+    """One namespace's adapter, learned by the learning core's `Learner`; the optimizer state
+    rides in snapshots beside the adapter."""
 
     def __init__(
         self, models: LoraModels, adapter_name: str, snapshot: Path | None, settings: Settings
@@ -200,152 +158,46 @@ class LoraBackend:
         self.models = models
         self.model = models.model
         self.name = adapter_name
-        self.settings = settings
-        self.weighter = models.weighter(settings)
         self.model.set_adapter(adapter_name)  # only this adapter's weights are trainable now
-        self.updater = OnlineUpdater(self.model, settings.update())
+        self.learner = Learner(
+            self.model,
+            models.tokenizer,
+            models.weighter(settings),
+            settings.update(),
+            learn_settings(settings),
+        )
         if snapshot is not None:
+            updater = self.learner.updater
             state = torch.load(
-                snapshot / OPTIMIZER_FILE, map_location=self.updater.device, weights_only=True
+                snapshot / OPTIMIZER_FILE, map_location=updater.device, weights_only=True
             )
-            self.updater.load_state_dict(state)
+            updater.load_state_dict(state)
 
-    def ingest(self, doc: IngestDoc) -> IngestResult:
-        """Steps on each chunk of the text, then on the self-edit sequences in padded
-        micro-batches, every update scaled by the document's trust (0: nothing is learned)."""
-        if doc.trust == 0.0:
-            who = f"source {doc.source!r}" if doc.source else "a document without a source"
-            note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
-            return IngestResult(
-                applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note
-            )
-        settings = self.settings
-        tokenizer = self.models.tokenizer
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.model.set_adapter(self.name)
-        edits = [self._tagged(e, doc) for e in self._self_edit_sequences(doc)]
-        reports: list[StepReport] = []
-        tokens = sequences = 0
-        for chunk in split_text(doc.text, settings.chunk_chars):
-            weighted = encode_weighted(
-                self._tagged(chunk, doc), tokenizer, self.weighter, settings.max_doc_tokens
-            )
-            if weighted.num_tokens < 2:
-                continue
-            steps = apply_trusted(self.updater, [weighted], doc.trust)
-            sequences += 1
-            tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
-            reports += steps
-        if edits:
-            steps = apply_with_self_edits(
-                self.updater,
-                tokenizer,
-                self.weighter,
-                edits,
-                trust=doc.trust,
-                max_length=settings.max_doc_tokens,
-            )
-            sequences += len(edits)
-            if any(r.applied for r in steps):
-                lengths = tokenizer(
-                    edits,
-                    add_special_tokens=False,
-                    truncation=True,
-                    max_length=settings.max_doc_tokens,
-                )["input_ids"]
-                tokens += sum(len(ids) for ids in lengths)
-            reports += steps
-        applied = any(r.applied for r in reports)
-        reasons = [r.reason for r in reports if not r.applied and r.reason]
-        return IngestResult(
-            applied or not reasons,  # nothing long enough to learn from is a no-op, not a failure
-            tokens,
-            "; ".join(reasons) or None,
-            trust=doc.trust,
-            sequences=sequences,
-            self_edit_sequences=len(edits),
-        )
+        return self.learner.learn(doc, trust)
 
-    def _tagged(self, text: str, doc: IngestDoc) -> str:
-        """With source tags on (IML), every training sequence opens with its source's tag."""
-        return tag_text(text, doc.source) if self.settings.source_tags else text
-
-    def _self_edit_sequences(self, doc: IngestDoc) -> list[str]:
-        """The document's self-edits as titled training sequences, minus repeats of its text:
-        parsed from those it came with, else (mode seal) from those the model writes now. Long
-        ones are split like the text, so nothing is cut off by the token limit."""
-        if doc.self_edits:
-            edits = [e for raw in doc.self_edits for e in parse_self_edits(raw)]
-        elif self.settings.mode == "seal":
-            edits = [e for written in self._write_self_edits(doc) for e in written]
-        else:
-            return []
-        pieces = [p for e in edits for p in split_text(e, self.settings.chunk_chars)]
-        return training_sequences(doc.title, doc.text, pieces)[1:]  # [0] is the text itself
-
-    def _write_self_edits(self, doc: IngestDoc) -> list[list[str]]:
-        """Mode seal: `self_edit_k` self-edits written by the bare base (no adapter, so what is
-        written does not depend on what the namespace has learned) and sampled with a seed from
-        the document's id, so a forget's replay writes the same ones. The prompt holds as much
-        of the text as fits in the context beside `self_edit_tokens` new tokens."""
-        settings = self.settings
-        limit = context_window(self.models.base)
-        passage = (
-            doc.text
-            if limit is None
-            else fit_passage(
-                self.models.tokenizer,
-                settings.self_edit_prompt,
-                doc.title,
-                doc.text,
-                limit - settings.self_edit_tokens,
-            )
-        )
-        if passage is None:
-            log.warning("worker: no room to write self-edits for %s; learning its text", doc.id)
-            return []
-        seed = int.from_bytes(hashlib.sha256(doc.id.encode()).digest()[:8], "big") >> 1
-        with seeded(seed), self.model.disable_adapter():
-            return generate_self_edits(
-                self.model,
-                self.models.tokenizer,
-                doc.title,
-                passage,
-                k=settings.self_edit_k,
-                prompt=settings.self_edit_prompt,
-                max_new_tokens=settings.self_edit_tokens,
-            )
-
-    def answer(self, questions: Sequence[str]) -> list[str]:
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
         self.model.set_adapter(self.name)
         return generate_answers(
-            self.model, self.models.tokenizer, questions, max_new_tokens=PROBE_NEW_TOKENS
+            self.model,
+            self.models.tokenizer,
+            questions,
+            contexts=contexts,
+            max_new_tokens=PROBE_NEW_TOKENS,
         )
+
+    def memory_bytes(self) -> int:
+        return self.learner.memory_bytes()
 
     def write_state(self, directory: Path) -> None:
         save_adapter(self.model, directory, adapter_name=self.name)
-        torch.save(self.updater.state_dict(), directory / OPTIMIZER_FILE)
+        torch.save(self.learner.updater.state_dict(), directory / OPTIMIZER_FILE)
 
     def close(self) -> None:
         self.model.delete_adapter(self.name)
-
-
-def fit_passage(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, title: str | None, text: str, budget: int
-) -> str | None:
-    """The longest head of `text` whose self-edit prompt takes at most `budget` tokens (None:
-    not even one token of it fits)."""
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-        "offset_mapping"
-    ]
-    keep = len(offsets)
-    while keep > 0:
-        head = text[: offsets[keep - 1][1]]
-        rendered = self_edit_prompt(prompt, title, head)
-        used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        if used <= budget:
-            return head
-        keep -= max(1, used - budget)
-    return None
 
 
 def build_weighter(settings: Settings) -> Weighter:
@@ -367,7 +219,7 @@ def open_backends(settings: Settings, weighter: Weighter) -> BackendFactory:
 @dataclass
 class NamespaceState:
     name: str
-    backend: KnowledgeBackend
+    backend: Backend
     version: int
     lineage: dict[str, int]  # doc id -> the version that added it
     config: NamespaceConfig
@@ -591,9 +443,7 @@ class Worker:
             len(requeued),
         )
 
-    def _load(
-        self, namespace: str, version: int
-    ) -> tuple[NamespaceConfig, Settings, KnowledgeBackend]:
+    def _load(self, namespace: str, version: int) -> tuple[NamespaceConfig, Settings, Backend]:
         """The namespace's own settings, and a backend holding `version`'s state under them."""
         assert self._backends is not None
         config = self.ns_store.config(namespace)
@@ -680,10 +530,10 @@ class Worker:
             last = record.error or "the worker stopped while applying it"
             self._dead(entry, f"gave up after {record.attempts} attempts; last: {last}")
             return
-        doc = self._ingest_doc(st, record)
+        doc, trust = self._document(st, record)
         attempt = self.docs.begin_attempt(doc_id)
         started = time.perf_counter()
-        result = self._ingest(st, doc)
+        result = self._ingest(st, doc, trust)
         if result.applied:
             self.stats.step(st.name, time.perf_counter() - started, result.tokens)
             st.unsaved[doc_id] = entry.entry_id  # first, so a Redis error now cannot repeat it
@@ -704,10 +554,10 @@ class Worker:
             self.docs.mark_failed(doc_id, reason)
             st.retries.append((time.monotonic() + self.settings.retry_seconds, entry))
 
-    def _ingest_doc(
+    def _document(
         self, st: NamespaceState, record: DocumentRecord, replay: bool = False
-    ) -> IngestDoc:
-        """The document as its backend learns it. Its trust is the one it was first learned
+    ) -> tuple[Document, float]:
+        """The document as its backend learns it, with its trust. Its trust is the one it was first learned
         with, if it was (a forget's replay must learn it as the lineage did), else its source's
         weight in the namespace now; a replayed document without one was learned before trust
         was recorded, at full weight."""
@@ -719,18 +569,18 @@ class Worker:
             weights = self.ns_store.trust(st.name, st.settings.default_trust)
             trust = weights.update_scale(record.source)
         title = record.metadata.get("title")
-        return IngestDoc(
+        doc = Document(
             id=record.id,
             text=record.text,
             title=(title.strip() or None) if isinstance(title, str) else None,
             source=record.source,
             self_edits=record.self_edits,
-            trust=trust,
         )
+        return doc, trust
 
-    def _ingest(self, st: NamespaceState, doc: IngestDoc) -> IngestResult:
+    def _ingest(self, st: NamespaceState, doc: Document, trust: float) -> IngestResult:
         try:
-            return st.backend.ingest(doc)
+            return st.backend.ingest(doc, trust)
         except Exception as exc:  # a bad document must not take the worker down
             log.exception("worker: applying %s failed", doc.id)
             return IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
@@ -919,7 +769,7 @@ class Worker:
                 return False  # the lease lapsed mid-replay: the next owner starts over
             record = self.docs.get(other)
             result = (
-                self._ingest(st, self._ingest_doc(st, record, replay=True))
+                self._ingest(st, *self._document(st, record, replay=True))
                 if record is not None
                 else IngestResult(applied=False, reason="record missing")
             )

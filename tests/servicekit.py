@@ -22,11 +22,12 @@ import torch
 import uvicorn
 from safetensors.torch import load_file
 
+from adaptation.data import Document
 from service.adapters import AdapterStore
 from service.api import create_app
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import IngestDoc, LoraModels, Worker, build_weighter
+from service.worker import LoraModels, Worker, build_weighter
 
 REDIS_URL = os.environ.get("UPTAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
@@ -255,15 +256,16 @@ class Stack:
         return load_file(str(self.store.path(namespace, version) / ADAPTER_FILE))
 
     def replay(
-        self, docs: Sequence[str | IngestDoc], lr: float, **overrides: object
+        self, docs: Sequence[str | Document], lr: float, trust: float = 1.0, **overrides: object
     ) -> dict[str, torch.Tensor]:
-        """The adapter a fresh lineage reaches on `docs` under the stack's settings with `lr` and
-        `overrides` in place, applied directly, without the worker."""
+        """The adapter a fresh lineage reaches on `docs` (each learned at `trust`) under the
+        stack's settings with `lr` and `overrides` in place, applied directly, without the
+        worker."""
         settings = self.settings.model_copy(update={"lr": lr, **overrides})
         backend = LoraModels(settings, build_weighter(settings)).open("replay", None, settings)
         for i, doc in enumerate(docs):
-            learned = doc if isinstance(doc, IngestDoc) else IngestDoc(f"replay-{i}", doc)
-            assert backend.ingest(learned).applied
+            learned = doc if isinstance(doc, Document) else Document(f"replay-{i}", doc)
+            assert backend.ingest(learned, trust).applied
         out = self.tmp / f"replay-{len(list(self.tmp.iterdir()))}"
         out.mkdir()
         backend.write_state(out)

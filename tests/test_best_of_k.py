@@ -1,4 +1,6 @@
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from adaptation.best_of_k import answer_nll, best_of_k, correlation, probe_score
 from adaptation.data import QA
 from adaptation.modeling import LoraSettings, attach_lora, load_base
 from adaptation.self_edit import apply_with_self_edits
-from adaptation.updater import OnlineUpdater, UpdateConfig
+from adaptation.updater import OnlineUpdater, StepReport, UpdateConfig
 from adaptation.weighting import UniformWeighter
 
 PROBE = QA("Where was Alda Venn born?", ("Marrow Bay",))
@@ -30,14 +32,23 @@ def _updater(model_dir: Path) -> tuple[OnlineUpdater, object]:
     return updater, tok
 
 
+def _trainings(
+    updater: OnlineUpdater, tok: object, *candidates: list[str]
+) -> list[Callable[[], list[StepReport]]]:
+    """Each candidate as best-of-k takes it: a call that trains its sequences."""
+    return [
+        partial(apply_with_self_edits, updater, tok, UniformWeighter(), sequences)
+        for sequences in candidates
+    ]
+
+
 def test_best_of_k_keeps_the_candidate_that_answers_the_probes(tiny_model_dir: Path) -> None:
     updater, tok = _updater(tiny_model_dir)
     start = [p.detach().clone() for p in updater.params]
     result = best_of_k(
         updater,
         tok,
-        UniformWeighter(),
-        [OFF_TOPIC, ON_TOPIC, OFF_TOPIC],
+        _trainings(updater, tok, OFF_TOPIC, ON_TOPIC, OFF_TOPIC),
         probes=[PROBE],
         gold=[PROBE],
         scoring="nll",
@@ -46,7 +57,7 @@ def test_best_of_k_keeps_the_candidate_that_answers_the_probes(tiny_model_dir: P
     assert result.probe[1].nll < result.probe[0].nll
     assert result.probe[0].nll == pytest.approx(result.probe[2].nll, rel=1e-4), "same start"
     assert [s.nll for s in result.gold] == [s.nll for s in result.probe]
-    assert all(len(r) == 5 and all(s.applied for s in r) for r in result.reports)
+    assert all(len(r) == 5 and all(s.applied for s in r) for r in result.results)
     # the model is left in the chosen candidate's state
     assert probe_score(updater.model, tok, [PROBE]).nll == pytest.approx(result.probe[1].nll)
     assert any(not torch.equal(p, s) for p, s in zip(updater.params, start))
@@ -54,16 +65,16 @@ def test_best_of_k_keeps_the_candidate_that_answers_the_probes(tiny_model_dir: P
 
 def test_candidates_start_from_the_same_state(tiny_model_dir: Path) -> None:
     updater, tok = _updater(tiny_model_dir)
-    result = best_of_k(updater, tok, UniformWeighter(), [ON_TOPIC, OFF_TOPIC], probes=[PROBE])
+    result = best_of_k(updater, tok, _trainings(updater, tok, ON_TOPIC, OFF_TOPIC), probes=[PROBE])
     alone, tok = _updater(tiny_model_dir)
     apply_with_self_edits(alone, tok, UniformWeighter(), OFF_TOPIC)
     assert probe_score(alone.model, tok, [PROBE]).nll == pytest.approx(
         result.probe[1].nll, rel=1e-4
     )
     with pytest.raises(ValueError, match="candidate"):
-        best_of_k(updater, tok, UniformWeighter(), [], probes=[PROBE])
+        best_of_k(updater, tok, [], probes=[PROBE])
     with pytest.raises(ValueError, match="answer"):
-        best_of_k(updater, tok, UniformWeighter(), [ON_TOPIC], probes=[QA("Why?", ())])
+        best_of_k(updater, tok, _trainings(updater, tok, ON_TOPIC), probes=[QA("Why?", ())])
 
 
 def test_only_the_kept_candidate_counts_in_the_updaters_record(tiny_model_dir: Path) -> None:
@@ -72,9 +83,9 @@ def test_only_the_kept_candidate_counts_in_the_updaters_record(tiny_model_dir: P
     updater, tok = _updater(tiny_model_dir)
     applied, recent = updater.steps_applied, updater.state_dict()["recent"]
     result = best_of_k(
-        updater, tok, UniformWeighter(), [OFF_TOPIC, ON_TOPIC, OFF_TOPIC], probes=[PROBE]
+        updater, tok, _trainings(updater, tok, OFF_TOPIC, ON_TOPIC, OFF_TOPIC), probes=[PROBE]
     )
-    kept = result.reports[result.chosen]
+    kept = result.results[result.chosen]
     assert updater.steps_applied == applied + len(kept)
     assert updater.state_dict()["recent"] == [*recent, kept[0].loss]
 

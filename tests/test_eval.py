@@ -2,16 +2,37 @@
 what is tested here). The learning benchmark itself is marked slow."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from adaptation.data import read_documents
-from adaptation.evaluation import EvalConfig, LoraMethod, SealMethod, choose_setting, run_eval
+from adaptation.answering import generate_answers
+from adaptation.data import QA, Document, all_questions, read_documents, write_documents
+from adaptation.evaluation import (
+    Baseline,
+    BaseMethod,
+    EvalConfig,
+    EvalProtocol,
+    Held,
+    LoraMethod,
+    Run,
+    SealMethod,
+    choose_setting,
+    run_eval,
+    run_method,
+)
+from adaptation.learner import IngestResult, LearnSettings
+from adaptation.metrics import score
+from adaptation.modeling import LoraSettings
 from adaptation.trust import source_tag
 from adaptation.weighting import make_weighter
 
@@ -90,27 +111,39 @@ def test_eval_writes_report_table_and_plot(quick_home: Path, tmp_path: Path) -> 
 
 
 def _adapter(method: LoraMethod) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in method.updater.params]
+    return [p.detach().clone() for p in method.learner.updater.params]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class RecordingWeighter:
+    """Uniform weights; remembers every text it weighted, i.e. every training sequence."""
+
+    name = "uniform"
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def char_weights(self, text: str) -> np.ndarray:
+        self.texts.append(text)
+        return np.ones(len(text), dtype=np.float32)
 
 
 def test_eval_methods_scale_by_trust_and_tag_sources(quick_home: Path) -> None:
     doc = read_documents(quick_home / "world-quick" / "eval_stream.jsonl", 1)[0]
     assert doc.source == "world"
-    cfg = EvalConfig(trust={"world": 0.0}, tag_salt="s")
-    for method in (
-        LoraMethod(str(quick_home / "demo-quick"), make_weighter("uniform"), cfg, 1e-2, 0),
-        SealMethod(str(quick_home / "demo-quick"), cfg, 1e-2, 0),
-    ):
+    cfg = EvalConfig(learning=LearnSettings(tag_salt="s"))
+    weighter = RecordingWeighter()
+    model = str(quick_home / "demo-quick")
+    for method in (LoraMethod(model, weighter, cfg, 1e-2, 0), SealMethod(model, cfg, 1e-2, 0)):
         start = _adapter(method)
-        method.ingest(doc)
-        assert all(torch.equal(a, b) for a, b in zip(start, _adapter(method), strict=True)), (
-            "trust 0: the document is not learned"
-        )
-        method.trust.set("world", 1.0)
-        method.ingest(doc)
-        assert not all(torch.equal(a, b) for a, b in zip(start, _adapter(method), strict=True))
-    assert method.training_text("x y", "world") == f"{source_tag('world', 's')} x y"
-    assert method.training_text("x y", None) == "x y"
+        assert "not learned" in str(method.ingest(doc, 0.0).note)
+        assert _same(start, _adapter(method)), "trust 0: the document is not learned"
+        assert method.ingest(doc, 1.0).applied
+        assert not _same(start, _adapter(method))
+    assert weighter.texts == [f"{source_tag('world', 's')} {doc.text}"]
 
 
 def test_full_finetune_trains_every_weight_of_the_base(quick_home: Path) -> None:
@@ -126,13 +159,143 @@ def test_full_finetune_trains_every_weight_of_the_base(quick_home: Path) -> None
         0,
     )
     weights = list(full.model.parameters())
-    assert len(full.updater.params) == len(weights)
-    assert sum(p.numel() for p in weights) > sum(p.numel() for p in lora.updater.params)
+    assert len(full.learner.updater.params) == len(weights)
+    assert sum(p.numel() for p in weights) > sum(p.numel() for p in lora.learner.updater.params)
     assert full.memory_bytes() == sum(p.numel() * p.element_size() for p in weights)
     start = _adapter(full)
     full.ingest(doc)
     moved = [not torch.equal(a, b) for a, b in zip(start, _adapter(full), strict=True)]
     assert sum(moved) > len(moved) // 2, "a step moves the base's own weights, not an adapter"
+
+
+class StartRecording(LoraMethod):
+    """Remembers the trained weights each document starts from."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.starts: list[list[torch.Tensor]] = []
+
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        self.starts.append(_adapter(self))
+        return super().ingest(doc, trust)
+
+
+FACTS = [
+    Document(
+        "a",
+        "Alda Venn was born in Marrow Bay.",
+        questions=(QA("Where was Alda Venn born?", ("Marrow Bay",)),),
+    ),
+    Document(
+        "b",
+        "Oda Lind keeps goats in Hale.",
+        questions=(QA("Where does Oda Lind keep goats?", ("Hale",)),),
+    ),
+    Document(
+        "c",
+        "Ivo Brand works for Quillon Works.",
+        questions=(QA("Who employs Ivo Brand?", ("Quillon Works",)),),
+    ),
+]
+
+
+@pytest.mark.parametrize("protocol", ["single", "stream"])
+def test_the_single_protocol_starts_every_document_from_the_same_adapter(
+    tiny_model_dir: Path, protocol: EvalProtocol
+) -> None:
+    cfg = EvalConfig(protocol=protocol, lora=LoraSettings(rank=4, alpha=8), device="cpu")
+    method = StartRecording(str(tiny_model_dir), make_weighter("uniform"), cfg, 1e-2, 0)
+    base = Baseline.measure(BaseMethod(str(tiny_model_dir), cfg), FACTS, Held())
+    result = run_method(method, base, cfg, Run("uniform", 0, 1e-2, 1, checkpoints=3))
+    first, *later = method.starts
+    single = protocol == "single"
+    assert [_same(first, s) for s in later] == [single, single]
+    # The optimizer is reset with the adapter: the last document's step is the only one counted.
+    assert method.learner.updater.steps_applied == (1 if single else 3)
+    assert result.after["n"] == 3 and [n for n, _ in result.curve] == [0, 1, 2, 3]
+    if single:
+        per_doc = [s["f1"] for s in base.per_doc if s is not None]
+        assert result.before["f1"] == pytest.approx(sum(per_doc) / 3)
+
+
+class ContextRecording(BaseMethod):
+    """The base, remembering what each round of answers was given as context."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.contexts: list[Sequence[str | None] | None] = []
+
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        self.contexts.append(contexts)
+        return super().answer(questions, contexts)
+
+
+def test_reading_asks_each_held_out_question_with_its_own_passage(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    passages = [
+        replace(
+            FACTS[0],
+            questions=(*FACTS[0].questions, QA("Who was born in Marrow Bay?", ("Alda Venn",))),
+        ),
+        FACTS[1],
+    ]
+    write_documents(tmp_path / "reading.jsonl", passages)
+    write_documents(tmp_path / "retention.jsonl", [FACTS[2]])
+    held = Held.read(tmp_path / "retention.jsonl", tmp_path / "reading.jsonl")
+    method = ContextRecording(str(tiny_model_dir), EvalConfig(device="cpu"))
+    retention, reading, _ = held.score(method)
+    assert method.contexts == [None, [passages[0].text, passages[0].text, passages[1].text]]
+    qas = all_questions(passages)
+    answers = generate_answers(
+        method.model,
+        method.tokenizer,
+        [q.question for q in qas],
+        contexts=[passages[0].text, passages[0].text, passages[1].text],
+        max_new_tokens=32,
+    )
+    assert reading == score(answers, [q.answers for q in qas]) and retention["n"] == 1
+
+
+def test_single_protocol_report_with_reading(quick_home: Path, tmp_path: Path) -> None:
+    world = quick_home / "world-quick"
+    write_documents(
+        tmp_path / "reading.jsonl", read_documents(world / "pretrain_heldout_qa.jsonl", 2)
+    )
+    cfg = EvalConfig(
+        strategies=("uniform", "seal"),
+        protocol="single",
+        limit=3,
+        checkpoints=1,
+        learning=LearnSettings(epochs=2),
+    )
+    report = run_eval(
+        world / "eval_stream.jsonl",
+        quick_home / "demo-quick",
+        tmp_path / "out",
+        cfg,
+        reading=tmp_path / "reading.jsonl",
+        log=lambda _: None,
+    )
+    assert report["protocol"] == "single" and report["reading_questions"] > 0
+    for row in report["strategies"]:
+        assert row["curve"][-1][0] == 3 and "mean" in row["uptake_recall"]
+    for run in report["runs"]:  # the quick model reads nothing, so the ratio itself is NaN
+        assert run["reading_after"]["n"] == report["reading_questions"]
+        assert not math.isnan(run["reading_after"]["f1"]) and "recall" in run["after"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Protocol single" in md and "before its reset" in md and "| seal |" in md
+    assert "uptake recall" in md and "| reading |" in md
+    with pytest.raises(ValueError, match="stream protocol"):
+        run_eval(
+            world / "eval_stream.jsonl",
+            quick_home / "demo-quick",
+            tmp_path / "out",
+            replace(cfg, retention_matrix=True),
+            log=lambda _: None,
+        )
 
 
 def test_choose_setting_respects_the_retention_floor() -> None:

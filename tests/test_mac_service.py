@@ -14,6 +14,7 @@ import redis
 import torch
 
 from adaptation.answering import generate_answers
+from adaptation.data import Document
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK
 from adaptation.modeling import load_base
@@ -26,7 +27,7 @@ from service.keys import Keys
 from service.mac_mode import MacBackend, MacModels, MacServingEngine
 from service.redis_conn import client
 from service.settings import ConfigError, Settings
-from service.worker import IngestDoc, open_backends
+from service.worker import open_backends
 from tests.servicekit import (
     drop_prefix,
     live_api,
@@ -112,8 +113,8 @@ def test_bank_backend_snapshots_reopens_and_drops(
     assert isinstance(models, MacModels)
     backend = models.open(NS, None, settings)
     for i, text in enumerate(DOCS[:3]):
-        assert backend.ingest(IngestDoc(f"d{i}", text)).applied
-    assert backend.ingest(IngestDoc("d0", DOCS[0])).applied  # a repeat is already learned
+        assert backend.ingest(Document(f"d{i}", text)).applied
+    assert backend.ingest(Document("d0", DOCS[0])).applied  # a repeat is already learned
     assert backend.system.bank.ids == ["d0", "d1", "d2"]
     backend.write_state(tmp_path / "snap")
 
@@ -134,7 +135,7 @@ def _publish_bank(
     store = AdapterStore(settings.adapters_dir())
     backend = models.open(namespace, None, settings)
     for i, text in enumerate(texts):
-        backend.ingest(IngestDoc(f"{namespace}-{i}", text))
+        backend.ingest(Document(f"{namespace}-{i}", text))
     manifest = store.write(namespace, store.latest(namespace), [], 0, backend.write_state)
     keys = Keys(settings.redis_prefix)
     r.sadd(keys.namespaces, namespace)

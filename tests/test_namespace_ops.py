@@ -66,15 +66,16 @@ def test_namespace_settings_are_validated_stored_and_used_by_the_worker(stack: S
     assert (manifest.info["lr"], manifest.info["steps_per_doc"]) == (0.002, 2)
     backend = stack.worker.namespaces[ns].backend
     assert isinstance(backend, LoraBackend)
-    assert backend.updater.steps_applied == 4  # two steps for each of the two documents
+    assert backend.learner.updater.steps_applied == 4  # two steps for each of the two documents
 
     # A new rate reaches the namespace resumed from its snapshot, optimizer state included.
     stack.configure(ns, lr=0.004, steps_per_doc=2)
     stack.drain(lambda: stack.idle(ns))
     backend = stack.worker.namespaces[ns].backend
     assert isinstance(backend, LoraBackend)
-    assert [g["lr"] for g in backend.updater.optimizer.param_groups] == [0.004]
-    assert backend.updater.steps_applied == 4 and backend.updater.optimizer.state_dict()["state"]
+    updater = backend.learner.updater
+    assert [g["lr"] for g in updater.optimizer.param_groups] == [0.004]
+    assert updater.steps_applied == 4 and updater.optimizer.state_dict()["state"]
 
 
 def test_rollback_serves_the_old_version_and_the_lineage_continues_from_it(

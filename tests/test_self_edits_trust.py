@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.data import content_id
+from adaptation.data import Document, content_id
+from adaptation.learner import fit_passage
 from adaptation.self_edit import parse_self_edits, self_edit_prompt
 from adaptation.trust import source_tag
 from service.auth import KeyStore
 from service.keys import Keys
 from service.redis_conn import client
-from service.worker import IngestDoc, LoraModels, fit_passage
+from service.worker import LoraModels
 from tests.servicekit import (
     Stack,
     assert_same,
@@ -224,10 +225,9 @@ def test_a_forget_replays_a_document_with_the_trust_it_was_learned_with(lora: St
     lora.drain(lambda: lora.status(first)["status"] == "forgotten" and lora.idle(ns))
     assert lora.store.manifest(ns, 3).doc_ids == (kept,)
     assert lora.status(kept)["trust"] == 0.2
-    as_learned = IngestDoc(kept, TEXT, source="wire", trust=0.2)
-    assert_same(lora.weights(ns, 3), lora.replay([as_learned], lora.settings.lr))
-    at_full = IngestDoc(kept, TEXT, source="wire", trust=1.0)
-    assert differs(lora.weights(ns, 3), lora.replay([at_full], lora.settings.lr))
+    learned = Document(kept, TEXT, source="wire")
+    assert_same(lora.weights(ns, 3), lora.replay([learned], lora.settings.lr, trust=0.2))
+    assert differs(lora.weights(ns, 3), lora.replay([learned], lora.settings.lr, trust=1.0))
 
 
 def test_source_trust_needs_the_admin_scope_on_the_namespace(
@@ -289,7 +289,7 @@ def test_seal_writes_self_edits_and_a_forget_replay_writes_the_same_ones(seal: S
     assert seal.store.manifest(ns, 3).doc_ids == (doc,)
     assert seal.status(doc)["self_edit_sequences"] == written["self_edit_sequences"]
     # The replay wrote the same self-edits: the adapter equals a direct, fresh application.
-    replayed = seal.replay([IngestDoc(doc, TEXT)], seal.settings.lr, self_edit_k=4)
+    replayed = seal.replay([Document(doc, TEXT)], seal.settings.lr, self_edit_k=4)
     assert_same(seal.weights(ns, 3), replayed)
 
 
@@ -349,12 +349,12 @@ def test_source_tags_open_every_training_sequence(tmp_path: Path, tiny_model_dir
     weighter = RecordingWeighter()
     backend = LoraModels(settings, weighter).open("tags", None, settings)
     edit = "Oda Lind is a goat keeper in Hale."
-    result = backend.ingest(IngestDoc("d", TEXT, source="wire", self_edits=(edit,)))
+    result = backend.ingest(Document("d", TEXT, source="wire", self_edits=(edit,)))
     assert (result.sequences, result.self_edit_sequences) == (2, 1)
     tag = source_tag("wire")
     assert weighter.texts == [f"{tag} {TEXT}", f"{tag} {edit}"]
     weighter.texts.clear()
-    backend.ingest(IngestDoc("e", TEXT))  # no source, no tag
+    backend.ingest(Document("e", TEXT))  # no source, no tag
     assert weighter.texts == [TEXT]
 
 
@@ -366,7 +366,7 @@ def test_self_edits_are_titled_and_seal_fits_a_long_text_into_the_context(
     models = LoraModels(settings, weighter)
     backend = models.open("titled", None, settings)
     edit = "Oda Lind is a goat keeper in Hale."
-    backend.ingest(IngestDoc("d", TEXT, title="Oda Lind", self_edits=(edit, TEXT)))
+    backend.ingest(Document("d", TEXT, title="Oda Lind", self_edits=(edit, TEXT)))
     assert weighter.texts == [TEXT, f"Oda Lind\n{edit}"]  # an edit repeating the text is dropped
 
     long_text = " ".join(f"Word{i}" for i in range(3000))

@@ -24,7 +24,7 @@ from service.metrics import WorkerStats
 from service.queue import Queue
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import LoraBackend, Worker, build_weighter, split_text
+from service.worker import LoraBackend, Worker, build_weighter
 from tests.servicekit import (
     drop_prefix,
     make_settings,
@@ -103,7 +103,7 @@ def test_resume_restores_state_and_skips_documents_in_the_lineage(settings: Sett
     backend = first.namespaces["ns"].backend
     assert isinstance(backend, LoraBackend)
     weights = {k: v.detach().clone() for k, v in lora_parameters(backend.model).items()}
-    steps = backend.updater.steps_applied
+    steps = backend.learner.updater.steps_applied
     first.shutdown()
 
     # A crash between snapshot and acknowledgement: an entry for an applied document is pending.
@@ -122,8 +122,8 @@ def test_resume_restores_state_and_skips_documents_in_the_lineage(settings: Sett
         sorted(weights.items()), sorted(restored.items()), strict=True
     ):
         torch.testing.assert_close(before, after)
-    assert resumed.updater.steps_applied == steps
-    assert resumed.updater.optimizer.state_dict()["state"]
+    assert resumed.learner.updater.steps_applied == steps
+    assert resumed.learner.updater.optimizer.state_dict()["state"]
     _drain(second, lambda: Queue(second.redis, keys).depth("ns").length == 0)
     assert docs.get(ids[0]).attempts == attempts  # skipped, not applied again
     assert second.store.latest("ns") == first.store.latest("ns")
@@ -198,15 +198,6 @@ def test_stats_histogram_buckets(settings: Settings) -> None:
     h = r.hgetall(Keys(settings.redis_prefix).stats("ns"))
     assert h["step_bucket:0"] == "1" and h["tokens"] == "15"
     assert h["step_bucket:13"] == "1"
-
-
-def test_split_text_keeps_every_word() -> None:
-    text = " ".join(f"word{i}" for i in range(500))
-    chunks = split_text(text, 300)
-    assert all(len(c) <= 300 for c in chunks)
-    assert " ".join(c.strip() for c in chunks).split() == text.split()
-    assert split_text("short", 300) == ["short"]
-    assert split_text("   ", 300) == []
 
 
 def test_entries_in_hand_survive_a_redis_error(settings: Settings) -> None:

@@ -1,0 +1,276 @@
+"""The one way a document is learned: by the worker's LoRA modes and by `uptake eval`'s gradient
+strategies alike, so what the evaluation measures is what the service does.
+
+A document is learned as its text's chunks (each its own weighted update, scaled by the
+document's trust), then its self-edit sequences in padded micro-batches. `Knowledge` is the
+interface every way of folding documents into a model answers to: the worker's modes and the
+evaluation's strategies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adaptation.data import Document
+from adaptation.modeling import LoraSettings, attach_lora, context_window, lora_config, seeded
+from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, self_edit_request
+from adaptation.self_edit import (
+    apply_with_self_edits,
+    generate_self_edits,
+    parse_self_edits,
+    training_sequences,
+)
+from adaptation.trust import apply_trusted, tag_text
+from adaptation.updater import OnlineUpdater, StepReport, UpdateConfig
+from adaptation.weighting.base import Weighter, encode_weighted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What learning one document did, as the worker records it on the document."""
+
+    applied: bool
+    tokens: int = 0
+    reason: str | None = None
+    # How the document was learned (None: not a notion of this way of learning).
+    trust: float | None = None
+    sequences: int | None = None
+    self_edit_sequences: int | None = None
+    note: str | None = None
+
+
+class Knowledge(Protocol):
+    """A way of folding documents into a model and answering from it: each mode of the worker
+    and each strategy of `uptake eval`."""
+
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        """Learn the document, its update scaled by `trust` in [0, 1] where updates are scaled.
+        The same document must be learned the same way every time, since a forget replays a
+        lineage and expects the lineage's result."""
+        ...
+
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """Greedy answers, closed-book, or with each question's context in its prompt."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """What it keeps to answer from beyond the base model."""
+        ...
+
+
+@dataclass(frozen=True)
+class SelfEditWriting:
+    """Self-edits the bare base writes for a document that comes without any (SEAL)."""
+
+    k: int = 1
+    prompt: str = DEFAULT_SELF_EDIT_PROMPT
+    max_new_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class LearnSettings:
+    """How a document becomes updates. The defaults are the service's (`UPTAKE_CHUNK_CHARS`,
+    `UPTAKE_MAX_DOC_TOKENS`)."""
+
+    chunk_chars: int = 4000  # long texts and self-edits are split here, so none is truncated
+    max_doc_tokens: int = 1024  # tokens per update
+    tag_salt: str | None = None  # with a salt, every sequence opens with its source's tag (IML)
+    write: SelfEditWriting | None = None  # None: only supplied self-edits are learned
+    epochs: int = 1  # passes over the document's training sequences
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Cut long text at whitespace so no part is silently truncated by the token limit."""
+    chunks: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + max_chars)
+        if end < len(text):
+            cut = max(text.rfind(" ", start + max_chars // 2, end), text.rfind("\n", start, end))
+            if cut > start:
+                end = cut
+        chunks.append(text[start:end])
+        start = end
+    return [c for c in chunks if c.strip()]
+
+
+def fit_passage(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, title: str | None, text: str, budget: int
+) -> str | None:
+    """The longest head of `text` whose self-edit prompt takes at most `budget` tokens (None:
+    not even one token of it fits)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
+    keep = len(offsets)
+    while keep > 0:
+        head = text[: offsets[keep - 1][1]]
+        rendered = self_edit_request(tokenizer, prompt, title, head)
+        used = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        if used <= budget:
+            return head
+        keep -= max(1, used - budget)
+    return None
+
+
+def fresh_adapter(
+    model: PreTrainedModel | PeftModel, lora: LoraSettings, seed: int, name: str = "default"
+) -> PeftModel:
+    """A new trainable LoRA adapter initialised from `seed` (added beside the others when `model`
+    already carries adapters), so the same seed always starts from the same weights: a replay
+    from version 0 starts where its lineage did, and the eval starts where the worker does."""
+    with seeded(seed):
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, lora_config(model, lora))
+            return model
+        return attach_lora(model, lora, adapter_name=name)
+
+
+def _seed_of(doc_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") >> 1
+
+
+class Learner:
+    """Learns documents into the trainable parameters of `model` (a LoRA adapter, or every
+    weight for full fine-tuning) through one `OnlineUpdater`, whose optimizer lives as long as
+    the learner."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        weighter: Weighter,
+        update: UpdateConfig,
+        settings: LearnSettings | None = None,
+    ) -> None:
+        self.settings = settings or LearnSettings()
+        if self.settings.write is not None and not isinstance(model, PeftModel):
+            raise ValueError(
+                "writing self-edits needs a LoRA model: the bare base writes them, adapter off"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.weighter = weighter
+        self.updater = OnlineUpdater(model, update)
+
+    def learn(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        """Steps on each chunk of the text, then on the self-edit sequences in padded
+        micro-batches, for `epochs` passes, every update scaled by `trust` (0: nothing is
+        learned)."""
+        if trust == 0.0:
+            who = f"source {doc.source!r}" if doc.source else "a document without a source"
+            note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
+            return IngestResult(
+                applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note
+            )
+        s = self.settings
+        edits = [self._tagged(e, doc.source) for e in self.self_edit_sequences(doc)]
+        chunks = [
+            encode_weighted(
+                self._tagged(chunk, doc.source), self.tokenizer, self.weighter, s.max_doc_tokens
+            )
+            for chunk in split_text(doc.text, s.chunk_chars)
+        ]
+        chunks = [c for c in chunks if c.num_tokens >= 2]
+        edit_tokens = self._tokens(edits)
+        reports: list[StepReport] = []
+        tokens = 0
+        for _ in range(s.epochs):
+            for weighted in chunks:
+                steps = apply_trusted(self.updater, [weighted], trust)
+                tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
+                reports += steps
+            if edits:
+                steps = apply_with_self_edits(
+                    self.updater,
+                    self.tokenizer,
+                    self.weighter,
+                    edits,
+                    trust=trust,
+                    max_length=s.max_doc_tokens,
+                )
+                tokens += edit_tokens if any(r.applied for r in steps) else 0
+                reports += steps
+        applied = any(r.applied for r in reports)
+        reasons = [r.reason for r in reports if not r.applied and r.reason]
+        return IngestResult(
+            applied or not reasons,  # nothing long enough to learn from is a no-op, not a failure
+            tokens,
+            "; ".join(reasons) or None,
+            trust=trust,
+            sequences=len(chunks) + len(edits),
+            self_edit_sequences=len(edits),
+        )
+
+    def self_edit_sequences(self, doc: Document) -> list[str]:
+        """The document's self-edits as titled training sequences, minus repeats of its text:
+        parsed from those it came with, else (when writing) from those the base writes now.
+        Long ones are split like the text, so nothing is cut off by the token limit."""
+        if doc.self_edits:
+            edits = [e for raw in doc.self_edits for e in parse_self_edits(raw)]
+        elif self.settings.write is not None:
+            edits = [e for written in self._write_self_edits(doc) for e in written]
+        else:
+            return []
+        pieces = [p for e in edits for p in split_text(e, self.settings.chunk_chars)]
+        return training_sequences(doc.title, doc.text, pieces)[1:]  # [0] is the text itself
+
+    def memory_bytes(self) -> int:
+        """The trained parameters (a fixed-size adapter, or the whole base): they do not grow
+        with the documents learned."""
+        return sum(p.numel() * p.element_size() for p in self.updater.params)
+
+    def _tagged(self, text: str, source: str | None) -> str:
+        salt = self.settings.tag_salt
+        return text if salt is None else tag_text(text, source, salt)
+
+    def _tokens(self, sequences: list[str]) -> int:
+        if not sequences:
+            return 0
+        ids = self.tokenizer(
+            sequences,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.settings.max_doc_tokens,
+        )["input_ids"]
+        return sum(len(i) for i in ids)
+
+    def _write_self_edits(self, doc: Document) -> list[list[str]]:
+        """`k` self-edits written by the bare base (no adapter, so what is written does not
+        depend on what has been learned) and sampled with a seed from the document's id, so a
+        forget's replay writes the same ones. The prompt holds as much of the text as fits in
+        the context beside the new tokens."""
+        write = self.settings.write
+        assert write is not None and isinstance(self.model, PeftModel)
+        limit = context_window(self.model.get_base_model())
+        passage = (
+            doc.text
+            if limit is None
+            else fit_passage(
+                self.tokenizer, write.prompt, doc.title, doc.text, limit - write.max_new_tokens
+            )
+        )
+        if passage is None:
+            log.warning("learner: no room to write self-edits for %s; learning its text", doc.id)
+            return []
+        with seeded(_seed_of(doc.id)), self.model.disable_adapter():
+            return generate_self_edits(
+                self.model,
+                self.tokenizer,
+                doc.title,
+                passage,
+                k=write.k,
+                prompt=write.prompt,
+                max_new_tokens=write.max_new_tokens,
+            )
