@@ -39,7 +39,6 @@ from adaptation.weighting import Weighter, make_weighter
 
 UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal", "seal-best")
 EvalProtocol = Literal["stream", "single"]
-PROTOCOLS: tuple[EvalProtocol, ...] = ("stream", "single")
 
 
 @dataclass
