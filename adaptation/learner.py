@@ -124,6 +124,13 @@ def fit_passage(
     return None
 
 
+def edit_sequences(doc: Document, edits: Sequence[str], chunk_chars: int) -> list[str]:
+    """Parsed self-edits as the document's training sequences: split like its text (so nothing
+    is cut off by the token limit), each headed by its title, minus repeats of its text."""
+    pieces = [p for e in edits for p in split_text(e, chunk_chars)]
+    return training_sequences(doc.title, doc.text, pieces)[1:]  # [0] is the text itself
+
+
 def fresh_adapter(
     model: PreTrainedModel | PeftModel, lora: LoraSettings, seed: int, name: str = "default"
 ) -> PeftModel:
@@ -214,17 +221,15 @@ class Learner:
         )
 
     def self_edit_sequences(self, doc: Document) -> list[str]:
-        """The document's self-edits as titled training sequences, minus repeats of its text:
-        parsed from those it came with, else (when writing) from those the base writes now.
-        Long ones are split like the text, so nothing is cut off by the token limit."""
+        """The document's self-edits as training sequences: parsed from those it came with,
+        else (when writing) those the base writes now."""
         if doc.self_edits:
             edits = [e for raw in doc.self_edits for e in parse_self_edits(raw)]
         elif self.settings.write is not None:
             edits = [e for written in self._write_self_edits(doc) for e in written]
         else:
             return []
-        pieces = [p for e in edits for p in split_text(e, self.settings.chunk_chars)]
-        return training_sequences(doc.title, doc.text, pieces)[1:]  # [0] is the text itself
+        return edit_sequences(doc, edits, self.settings.chunk_chars)
 
     def memory_bytes(self) -> int:
         """The trained parameters (a fixed-size adapter, or the whole base): they do not grow

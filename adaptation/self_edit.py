@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptation.data import QA, Document
+from adaptation.data import QA
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, end_token_ids, self_edit_request
 from adaptation.trust import apply_trusted
 from adaptation.updater import OnlineUpdater, StepReport
@@ -89,13 +89,6 @@ def training_sequences(title: str | None, passage: str, edits: Sequence[str]) ->
         if seq and seq not in out:
             out.append(seq)
     return out
-
-
-def document_sequences(doc: Document, generations: Sequence[str] | None = None) -> list[str]:
-    """Training sequences for a document from raw generations (default: its supplied self_edits)."""
-    raw = doc.self_edits if generations is None else generations
-    edits = [e for g in raw for e in parse_self_edits(g)]
-    return training_sequences(doc.title, doc.text, edits)
 
 
 @torch.no_grad()

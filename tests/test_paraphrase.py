@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 
 from adaptation.data import Document
+from adaptation.learner import edit_sequences
 from adaptation.paraphrase import extract_facts, paraphrase, with_paraphrases
 from adaptation.prompts import qa_text
-from adaptation.self_edit import document_sequences, parse_self_edits
+from adaptation.self_edit import parse_self_edits
 from adaptation.world import WorldConfig, build_world
 
 SMALL = WorldConfig(
@@ -79,9 +80,10 @@ def test_documents_get_self_edits_that_become_training_sequences(world) -> None:
     docs = with_paraphrases(world["eval_stream"][:3], k=2, seed=0)
     for d in docs:
         assert len(d.self_edits) == 2
-        seqs = document_sequences(d)
-        assert seqs[0] == f"{d.title}\n{d.text}"
-        assert len(seqs) > 1 and all(s.startswith(f"{d.title}\n") for s in seqs)
+        edits = [e for g in d.self_edits for e in parse_self_edits(g)]
+        seqs = edit_sequences(d, edits, chunk_chars=4000)
+        assert seqs and all(s.startswith(f"{d.title}\n") for s in seqs)
+        assert f"{d.title}\n{d.text}" not in seqs
 
 
 def test_documents_without_facts_or_entity() -> None:

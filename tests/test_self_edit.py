@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from adaptation.data import QA, Document
+from adaptation.learner import edit_sequences
 from adaptation.modeling import LoraSettings, attach_lora, load_base
 from adaptation.prompts import SELF_EDIT_PROMPTS, self_edit_prompt
 from adaptation.self_edit import (
     apply_with_self_edits,
-    document_sequences,
     generate_self_edits,
     parse_qa_pairs,
     parse_self_edits,
@@ -127,8 +127,8 @@ def test_training_sequences_are_title_prefixed_and_include_the_passage() -> None
         title="Super Bowl 50",
         self_edits=("1. The game took place in 2016.\n2. It was the fiftieth Super Bowl.",),
     )
-    assert document_sequences(doc) == [
-        "Super Bowl 50\nSuper Bowl 50 was played in 2016.",
+    edits = parse_self_edits(doc.self_edits[0]) + ["Super Bowl 50 was played in 2016."]
+    assert edit_sequences(doc, edits, chunk_chars=4000) == [  # the repeat of the text is dropped
         "Super Bowl 50\nThe game took place in 2016.",
         "Super Bowl 50\nIt was the fiftieth Super Bowl.",
     ]
