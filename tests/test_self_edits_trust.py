@@ -17,7 +17,8 @@ import torch
 
 from adaptation.data import Document, content_id
 from adaptation.learner import fit_passage
-from adaptation.self_edit import parse_self_edits, self_edit_prompt
+from adaptation.prompts import self_edit_request
+from adaptation.self_edit import parse_self_edits
 from adaptation.trust import source_tag
 from service.auth import KeyStore
 from service.keys import Keys
@@ -372,6 +373,6 @@ def test_self_edits_are_titled_and_seal_fits_a_long_text_into_the_context(
     long_text = " ".join(f"Word{i}" for i in range(3000))
     head = fit_passage(models.tokenizer, "implications", "A title", long_text, 300)
     assert head is not None and long_text.startswith(head) and len(head) < len(long_text)
-    prompt = self_edit_prompt("implications", "A title", head)
+    prompt = self_edit_request(models.tokenizer, "implications", "A title", head)
     assert len(models.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 300
     assert fit_passage(models.tokenizer, "implications", None, TEXT, 5) is None
