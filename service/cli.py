@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from adaptation.bases import DEFAULT_BASE, BaseMissing
+
 if TYPE_CHECKING:
     from adaptation.camels_training import MetaTrainConfig
     from service.settings import Settings
@@ -165,7 +167,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="passes over each document's training sequences (its text's chunks, plus its "
         "self-edits for seal), in either protocol (default: %(default)s)",
     )
-    p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
+    )
     p.add_argument(
         "--strategies",
         default="uniform,salient,tfidf,rag",
@@ -317,7 +323,6 @@ def _at_least_one(text: str) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from adaptation.bootstrap import ensure_demo_model
     from adaptation.evaluation import EvalConfig, report_markdown, run_eval
     from adaptation.learner import LearnSettings
     from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
@@ -348,7 +353,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         best_of_k=args.best_of_k,
         trust=args.trust,
     )
-    model = args.model or str(ensure_demo_model())
+    model = args.model or DEFAULT_BASE
     report = run_eval(
         args.data,
         model,
@@ -913,7 +918,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "cost with memory banks of --sizes entries (writes scaling.json, scaling.md, "
         "scaling.png).",
     )
-    p.add_argument("--model", default=None, help="model directory or hub id (default: the demo)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
+    )
     p.add_argument(
         "--mac",
         default=None,
@@ -965,14 +974,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.mac_scaling:
         return _run_mac_scaling(args)
 
-    from adaptation.bootstrap import ensure_demo_model
     from service.bench import BenchConfig, run_bench
     from service.redis_conn import close_embedded
     from service.settings import Settings
 
     settings = Settings()
     settings.apply_torch_threads()
-    model = args.model or str(ensure_demo_model())
+    model = args.model or DEFAULT_BASE
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     out = Path(args.out)
     flags = (["--quick"] if args.quick else []) + (["--mac", args.mac] if args.mac else [])
@@ -994,7 +1002,6 @@ def _run_mac_scaling(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from adaptation.bootstrap import ensure_demo_model
     from adaptation.mac.scaling import ScalingConfig, run_scaling_study
     from adaptation.paths import demo_world_dir
 
@@ -1015,7 +1022,7 @@ def _run_mac_scaling(args: argparse.Namespace) -> int:
         cfg = ScalingConfig(**({"sizes": args.sizes} if args.sizes else {}))
     except ValueError as err:
         return fail(str(err))
-    model = args.model or str(ensure_demo_model())
+    model = args.model or DEFAULT_BASE
     flags = ["--mac-scaling", "--mac", args.mac, "--model", model, "--data", str(data)]
     flags += ["--targets", str(args.targets), "--sizes", ",".join(map(str, cfg.sizes))]
     command = shlex.join(["uptake", "bench", *flags, "--out", args.out])
@@ -1024,6 +1031,52 @@ def _run_mac_scaling(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         return fail(str(err))
     print((Path(args.out) / "scaling.md").read_text())
+    return 0
+
+
+def _add_squad_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "squad-split",
+        help="split SQuAD dev by title into retention and reading sets for a real base",
+        description="Takes the titles that none of the stream's first --limit passages carries "
+        "and alternates them (sorted) between two sets: retention.jsonl, the questions the base "
+        "already answers closed-book (F1 >= --threshold), and reading.jsonl, passages whose "
+        "questions are asked in context. Writes both and split.json, which lists every title's "
+        "set, to --out.",
+    )
+    p.add_argument("--squad", required=True, help="SQuAD-style JSON: the pool (SQuAD dev)")
+    p.add_argument("--stream", required=True, help="the evaluated stream (e.g. SQuAD-200)")
+    p.add_argument(
+        "--limit", type=int, default=50, help="the stream's passages evaluated (default: 50)"
+    )
+    p.add_argument("--out", required=True, help="directory for the two sets and split.json")
+    p.add_argument("--model", default=None, help=f"base model (default: {DEFAULT_BASE})")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="closed-book F1 a known question reaches (0.5)"
+    )
+    p.add_argument(
+        "--retention-questions", type=int, default=80, help="known questions to find (80)"
+    )
+    p.add_argument("--reading-passages", type=int, default=20, help="reading passages (20)")
+    p.set_defaults(handler=_run_squad_split)
+
+
+def _run_squad_split(args: argparse.Namespace) -> int:
+    import json
+
+    from adaptation.squad_split import build_split
+
+    record = build_split(
+        args.squad,
+        args.stream,
+        args.limit,
+        args.model or DEFAULT_BASE,
+        args.out,
+        threshold=args.threshold,
+        retention_questions=args.retention_questions,
+        reading_passages=args.reading_passages,
+    )
+    print(json.dumps({k: v for k, v in record.items() if not k.endswith("_titles")}, indent=2))
     return 0
 
 
@@ -1041,7 +1094,11 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
         "learned, at the configured update and a strong one (lr 3e-3 × 4).",
     )
     p.add_argument("--out", required=True, help="directory for trust.json, trust.md and trust.png")
-    p.add_argument("--model", default=None, help="base model dir or hub id (default: demo model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
+    )
     p.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
     p.add_argument("--people", type=int, default=None, help="people per seed, experiment 1 (100)")
     p.add_argument("--trusted", type=float, default=None, help="reliable source's trust (1.0)")
@@ -1056,7 +1113,6 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_trust(args: argparse.Namespace) -> int:
-    from adaptation.bootstrap import ensure_demo_model
     from adaptation.trust import check_weight
     from adaptation.trust_eval import TrustConfig, run_trust, trust_markdown
 
@@ -1071,7 +1127,7 @@ def _run_trust(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"uptake trust: {err}", file=sys.stderr)
         return 2
-    report = run_trust(args.model or str(ensure_demo_model()), args.out, cfg)
+    report = run_trust(args.model or DEFAULT_BASE, args.out, cfg)
     print(trust_markdown(report))
     return 0
 
@@ -1087,7 +1143,11 @@ def _add_forget_check(sub: argparse._SubParsersAction) -> None:
         "and after the forget, the other documents' mean F1, and the share of their answers the "
         "forget left unchanged.",
     )
-    p.add_argument("--model", default=None, help="base model dir or hub id (default: the demo)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
+    )
     p.add_argument(
         "--data", default=None, help="stream with questions (default: the world's eval stream)"
     )
@@ -1114,18 +1174,12 @@ def _run_forget_check(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from adaptation.paths import demo_model_dir, demo_world_dir
+    from adaptation.paths import demo_world_dir
     from service.forget_check import ForgetConfig, forget_table, run_forget_check, write_figures
     from service.redis_conn import close_embedded
 
-    model = args.model or str(demo_model_dir())
+    model = args.model or DEFAULT_BASE
     data = Path(args.data) if args.data else demo_world_dir() / "eval_stream.jsonl"
-    if not args.model and not Path(model, "config.json").exists():
-        print(
-            "uptake forget-check: no demo model yet; build it with `uptake bootstrap`",
-            file=sys.stderr,
-        )
-        return 2
     if not data.exists():
         print(
             f"uptake forget-check: {data} does not exist; give --data, or run `uptake world`",
@@ -1171,6 +1225,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench,
         _add_forget_check,
         _add_trust,
+        _add_squad_split,
     ):
         add(sub)
     return parser
@@ -1179,7 +1234,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except BaseMissing as exc:  # a lab command on the default base without its package
+        print(f"uptake: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
