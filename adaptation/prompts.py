@@ -10,6 +10,7 @@ own. An answer ends at the end-of-turn token or at the end of its first line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TypedDict
 
@@ -23,6 +24,7 @@ SHORT_ANSWER = "You are a helpful assistant. Answer in one short sentence."
 ASSISTANT = "You are a helpful assistant."
 # Stands in for an answer when the chat template is rendered to find what closes a turn.
 _PROBE = "\x00answer\x00"
+_QA_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:\s*(.+)")
 
 SELF_EDIT_PROMPTS: dict[str, str] = {
     "implications": (
@@ -94,6 +96,14 @@ def qa_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str | 
 def qa_text(question: str, answer: str) -> str:
     """A question and its answer as training text (self-QA lines), in the plain QA form."""
     return f"{_plain_qa(question, None)} {answer.strip()}"
+
+
+def read_qa_text(text: str) -> tuple[str, str] | None:
+    """The (question, answer) of a self-QA pair written in the plain QA form, if it is one."""
+    m = _QA_PAIR.search(text)
+    if m is None or not m.group(2).strip():
+        return None
+    return m.group(1).strip(), m.group(2).splitlines()[0].strip()
 
 
 def system(content: str) -> Message:

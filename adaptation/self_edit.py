@@ -15,7 +15,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.data import QA
-from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, end_token_ids, self_edit_request
+from adaptation.prompts import (
+    DEFAULT_SELF_EDIT_PROMPT,
+    end_token_ids,
+    read_qa_text,
+    self_edit_request,
+)
 from adaptation.trust import apply_trusted
 from adaptation.updater import OnlineUpdater, StepReport
 from adaptation.weighting.base import Weighter, encode_weighted
@@ -27,7 +32,6 @@ LABEL_WORDS = 8
 _RULE = re.compile(r"^(?:-{3,}|\*{3,}|_{3,}|={3,})")
 _HEADING = re.compile(r"^#{1,6}\s")
 _ITEM = re.compile(r"^(?:\d{1,2}[.)]|[-*\u2022])(?:\s+|$)")
-_QA_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:\s*(.+)")
 
 
 def _split_item(line: str) -> tuple[bool, str]:
@@ -157,9 +161,9 @@ def parse_qa_pairs(generated: str) -> list[QA]:
     """Question/answer pairs from a self-QA generation, in the QA prompt's own format."""
     pairs: list[QA] = []
     for chunk in parse_self_edits(generated, min_words=2):
-        m = _QA_PAIR.search(chunk)
-        if m and m.group(2).strip():
-            pairs.append(QA(m.group(1).strip(), (m.group(2).splitlines()[0].strip(),)))
+        pair = read_qa_text(chunk)
+        if pair is not None:
+            pairs.append(QA(pair[0], (pair[1],)))
     return pairs
 
 
