@@ -9,6 +9,7 @@ from pathlib import Path
 # thrash; subprocesses (workers, servers) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -91,6 +92,19 @@ def tiny_mac_system(model_dir: Path, **sizes: int) -> MacSystem:
     shape = dict(width=32, layers=1, query_layers=1, num_tokens=4, window=4, chunk=2)
     shape.update(sizes)
     return MacSystem.create(model, tok, MacConfig.for_base(model, len(tok), **shape))
+
+
+class RecordingWeighter:
+    """Uniform weights; remembers every text it weighted, i.e. every training sequence."""
+
+    name = "uniform"
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def char_weights(self, text: str) -> np.ndarray:
+        self.texts.append(text)
+        return np.ones(len(text), dtype=np.float32)
 
 
 @pytest.fixture(scope="session")

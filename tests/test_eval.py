@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -35,6 +34,7 @@ from adaptation.metrics import score
 from adaptation.modeling import LoraSettings
 from adaptation.trust import source_tag
 from adaptation.weighting import make_weighter
+from tests.conftest import RecordingWeighter
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
 
@@ -116,19 +116,6 @@ def _adapter(method: LoraMethod) -> list[torch.Tensor]:
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-class RecordingWeighter:
-    """Uniform weights; remembers every text it weighted, i.e. every training sequence."""
-
-    name = "uniform"
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def char_weights(self, text: str) -> np.ndarray:
-        self.texts.append(text)
-        return np.ones(len(text), dtype=np.float32)
 
 
 def test_eval_methods_scale_by_trust_and_tag_sources(quick_home: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
@@ -24,6 +23,7 @@ from service.auth import KeyStore
 from service.keys import Keys
 from service.redis_conn import client
 from service.worker import LoraModels
+from tests.conftest import RecordingWeighter
 from tests.servicekit import (
     Stack,
     assert_same,
@@ -330,19 +330,6 @@ def test_seal_learns_supplied_self_edits_and_takes_namespace_settings(seal: Stac
 
 
 # Source tags (IML).
-
-
-class RecordingWeighter:
-    """Uniform weights; remembers every text it weighted, i.e. every training sequence."""
-
-    name = "uniform"
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def char_weights(self, text: str) -> np.ndarray:
-        self.texts.append(text)
-        return np.ones(len(text), dtype=np.float32)
 
 
 def test_source_tags_open_every_training_sequence(tmp_path: Path, tiny_model_dir: Path) -> None:
