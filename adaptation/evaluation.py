@@ -416,11 +416,15 @@ class Held:
         )
 
     def score(self, method: BaseMethod) -> tuple[dict[str, float], dict[str, float], float]:
-        """Retention and reading scores, and the seconds per retention question."""
+        """Retention and reading scores, and the seconds per retention question (per reading
+        question, in context, where there are no retention questions)."""
         t = time.perf_counter()
         retention = _score(method, self.retention)
-        seconds = (time.perf_counter() - t) / max(1, len(self.retention))
-        return retention, _score(method, self.reading, self.reading_contexts), seconds
+        middle = time.perf_counter()
+        reading = _score(method, self.reading, self.reading_contexts)
+        if self.retention:
+            return retention, reading, (middle - t) / len(self.retention)
+        return retention, reading, (time.perf_counter() - middle) / max(1, len(self.reading))
 
 
 @dataclass(frozen=True)
