@@ -9,6 +9,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.prompts import answer_stop_ids, clean_answer, qa_prompt
 
+# New tokens an answer that is scored may run to (the eval, the update guard's probes): room for
+# a sentence, too little for a long answer to game recall by listing candidates.
+SCORED_ANSWER_TOKENS = 32
+
 
 @torch.no_grad()
 def generate_answers(

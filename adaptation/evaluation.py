@@ -26,7 +26,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from adaptation.answering import generate_answers
+from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.best_of_k import BestOfK, best_of_k, correlation, generate_probes
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.learner import IngestResult, Learner, LearnSettings, fresh_adapter
@@ -57,7 +57,7 @@ class EvalConfig:
     limit: int | None = None
     checkpoints: int = 5
     # Answers are capped here for scoring, so a long answer cannot collect gold tokens (recall).
-    max_new_tokens: int = 32
+    max_new_tokens: int = SCORED_ANSWER_TOKENS
     rag_k: int = 3
     weighter_path: str | None = None
     mac_path: str | None = None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from adaptation.answering import generate_answers
+from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.data import Document, read_documents, write_documents
 from adaptation.metrics import best_recall
 from adaptation.modeling import load_base
@@ -89,7 +89,7 @@ def build_split(
     threshold: float = 1.0,
     retention_questions: int = 80,
     reading_passages: int = 20,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = SCORED_ANSWER_TOKENS,
 ) -> dict:
     """Write retention.jsonl, reading.jsonl, tuning.jsonl and split.json under `out_dir`."""
     streamed = read_documents(stream, stream_limit)

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from adaptation.answering import SCORED_ANSWER_TOKENS
 from adaptation.data import Document, read_documents
 from adaptation.metrics import score
 from service.bench import live_service, wait_until
@@ -27,7 +28,6 @@ from service.redis_conn import connect
 from service.settings import Settings
 
 NAMESPACE = "forget-check"
-ANSWER_TOKENS = 16  # as the evaluation harness and the update guard answer
 SETTLE_SECONDS = 3600
 PHASES = ("before_ingest", "after_ingest", "after_forget")
 
@@ -134,7 +134,7 @@ def _answer_all(http: httpx.Client, docs: Sequence[Document]) -> Phase:
             body = {
                 "question": qa.question,
                 "namespace": NAMESPACE,
-                "max_new_tokens": ANSWER_TOKENS,
+                "max_new_tokens": SCORED_ANSWER_TOKENS,
             }
             response = http.post("/v1/answer", json=body)
             response.raise_for_status()

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adaptation.answering import SCORED_ANSWER_TOKENS
 from adaptation.data import Document
 from adaptation.learner import IngestResult
 from adaptation.mac.bank import MemoryBank
@@ -24,7 +25,6 @@ from adaptation.modeling import load_base
 from adaptation.prompts import Message
 from service.engine import ServingEngine
 from service.settings import Settings
-from service.worker import PROBE_NEW_TOKENS
 
 
 class MacModels:
@@ -76,7 +76,7 @@ class MacBackend:
     def answer(
         self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
     ) -> list[str]:
-        return self.system.answer(questions, contexts=contexts, max_new_tokens=PROBE_NEW_TOKENS)
+        return self.system.answer(questions, contexts=contexts, max_new_tokens=SCORED_ANSWER_TOKENS)
 
     def memory_bytes(self) -> int:
         return self.system.bank.nbytes

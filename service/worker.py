@@ -35,7 +35,7 @@ import redis
 import torch
 from peft import PeftModel
 
-from adaptation.answering import generate_answers
+from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.data import Document
 from adaptation.learner import (
     IngestResult,
@@ -64,8 +64,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 # A fresh adapter always starts from this seed, so a replay from version 0 (forgetting a
 # lineage's first document) starts where the lineage did.
 LORA_SEED = 0
-# Tokens the update guard lets a probe answer run to.
-PROBE_NEW_TOKENS = 16
 
 # Renew (or re-take) a lease only while we still hold it.
 _RENEW = """
@@ -186,7 +184,7 @@ class LoraBackend:
             self.models.tokenizer,
             questions,
             contexts=contexts,
-            max_new_tokens=PROBE_NEW_TOKENS,
+            max_new_tokens=SCORED_ANSWER_TOKENS,
         )
 
     def memory_bytes(self) -> int:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from adaptation.answering import generate_answers
+from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.modeling import load_base
 from service.keys import Keys
-from service.worker import PROBE_NEW_TOKENS, LoraBackend
+from service.worker import LoraBackend
 from tests.servicekit import QUESTION, Stack, assert_same, differs, open_stack
 
 
@@ -172,7 +172,7 @@ def test_update_guard_holds_back_a_version_that_drops_probe_f1(
     questions = ["Where was Alda Venn born?", "Who does Alda Venn work for?"]
     base, tokenizer = load_base(str(tiny_model_dir), "cpu")
     # The base model's own answers are the gold ones: version 0 scores F1 1.0 on them.
-    golds = generate_answers(base, tokenizer, questions, max_new_tokens=PROBE_NEW_TOKENS)
+    golds = generate_answers(base, tokenizer, questions, max_new_tokens=SCORED_ANSWER_TOKENS)
     probes = [{"question": q, "answers": [a]} for q, a in zip(questions, golds, strict=True)]
     huge = 1.0  # a learning rate that wrecks the tiny model's answers
 
