@@ -1,5 +1,7 @@
 """The CI regression check: a short `uptake bench --quick` that fails if the worker's overhead over
-a bare update loop grows (worker_vs_bare_ratio below 0.6)."""
+a bare update loop grows (worker_vs_bare_ratio below 0.45). On the tiny model fixed costs
+dominate, and the same code read 0.52 to 0.74 on one machine, so the floor only catches a worker
+about twice as slow as the bare loop."""
 
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
                 "--out",
                 str(out),
                 "--fail-below",
-                "0.6",
+                "0.45",
             ]
         )
     report = json.loads((out / "bench.json").read_text())
-    assert rc == 0, f"worker_vs_bare_ratio {report['worker_vs_bare_ratio']:.2f} < 0.6"
+    assert rc == 0, f"worker_vs_bare_ratio {report['worker_vs_bare_ratio']:.2f} < 0.45"
     assert report["worker_vs_bare_ratio"] == pytest.approx(
         report["worker_docs_per_second"] / report["bare_docs_per_second"]
     )
