@@ -145,12 +145,18 @@ def qa_tokens(
     return p + c, len(p)
 
 
+def last_question(messages: Sequence[Message]) -> str:
+    """What a conversation asks, where only a question can be asked: its last user message (else
+    its last message)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
     """A conversation for the next assistant turn. Without a system message of the client's, the
     short-answer one is used; a plain model is asked the last user message in the QA form."""
     if not is_chat(tokenizer):
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        return qa_prompt(tokenizer, users[-1] if users else messages[-1]["content"])
+        return qa_prompt(tokenizer, last_question(messages))
     if not any(m["role"] == "system" for m in messages):
         messages = [system(SHORT_ANSWER), *messages]
     return _render(tokenizer, messages)

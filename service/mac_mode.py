@@ -22,7 +22,7 @@ from adaptation.learner import IngestResult
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK, MacSystem
 from adaptation.modeling import load_base
-from adaptation.prompts import Message
+from adaptation.prompts import Message, last_question
 from service.engine import ServingEngine
 from service.settings import Settings
 
@@ -149,10 +149,7 @@ class MacServingEngine(ServingEngine):
 
     def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
         """The bank is read with a question: the last user message is asked."""
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        return self.answer(
-            users[-1] if users else messages[-1]["content"], namespace, max_new_tokens
-        )
+        return self.answer(last_question(messages), namespace, max_new_tokens)
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         budget = self._fit_context(prompt, max_new_tokens, "prompt")
