@@ -1,5 +1,6 @@
-"""Helpers for the service tests: a real Redis with a key prefix per test, live servers, polling,
-and a live API with an in-process worker (`open_stack`)."""
+"""Helpers for the service tests: a real Redis with a key prefix per test (`isolated_settings`),
+live servers, polling, a live API ready to answer (`serve`), and a live API with an in-process
+worker (`open_stack`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from safetensors.torch import load_file
 from adaptation.data import Document
 from service.adapters import AdapterStore
 from service.api import create_app
+from service.auth import KeyStore
+from service.keys import Keys
 from service.redis_conn import client
 from service.settings import Settings
 from service.worker import LoraModels, Worker, build_weighter
@@ -118,6 +121,18 @@ def make_settings(
     return Settings(**base)  # type: ignore[arg-type]
 
 
+@contextmanager
+def isolated_settings(tmp: Path, model_dir: Path, **kw: object) -> Iterator[Settings]:
+    """Settings for `model_dir` on the test Redis under a key prefix of their own, whose keys
+    go afterwards; `kw` as for `make_settings`."""
+    with redis_for_tests(tmp) as url:
+        prefix = unique_prefix()
+        try:
+            yield make_settings(model_dir, tmp / "store", url, prefix, **kw)
+        finally:
+            drop_prefix(url, prefix)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as UPTAKE_* variables, for child processes."""
     env = settings.child_env()
@@ -161,6 +176,40 @@ def live_api(settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def api_client(settings: Settings, timeout: float = 60) -> Iterator[httpx.Client]:
+    """A client of the live API (`live_api`) once it is ready; `timeout` for each request."""
+    with live_api(settings) as base, httpx.Client(base_url=base, timeout=timeout) as http:
+        wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+        yield http
+
+
+@dataclass
+class Served:
+    """A live API, ready, on isolated settings, and what a test needs to drive it: its base URL,
+    a client, and the API-key store on its Redis."""
+
+    url: str
+    http: httpx.Client
+    settings: Settings
+    redis: redis.Redis
+    keys: KeyStore
+
+
+@contextmanager
+def serve(tmp: Path, model_dir: Path, timeout: float = 60, **settings: object) -> Iterator[Served]:
+    """The live API, ready to answer, under a key prefix of its own; `timeout` for each request,
+    `settings` as for `make_settings`."""
+    with isolated_settings(tmp, model_dir, **settings) as service:
+        r = client(service.redis_url)
+        try:
+            with api_client(service, timeout) as http:
+                keys = KeyStore(r, Keys(service.redis_prefix))
+                yield Served(str(http.base_url).rstrip("/"), http, service, r, keys)
+        finally:
+            r.close()
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -276,18 +325,14 @@ class Stack:
 def open_stack(tmp: Path, model_dir: Path, **settings: object) -> Iterator[Stack]:
     """The live API and an in-process worker (turned by `Stack.drain`) on a real Redis, under a
     key prefix of their own; `settings` as for `make_settings`."""
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        service = make_settings(model_dir, tmp / "store", url, prefix, **settings)
+    with isolated_settings(tmp, model_dir, **settings) as service:
         worker = Worker(service)
         worker.load()
-        with live_api(service) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+        with api_client(service) as http:
             replays = tmp / "replays"
             replays.mkdir()
             yield Stack(http, worker, service, AdapterStore(service.adapters_dir()), replays)
         worker.shutdown()
-        drop_prefix(url, prefix)
 
 
 def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

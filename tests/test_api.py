@@ -8,15 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servicekit import (
-    disposable_redis,
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-)
+from tests.servicekit import api_client, disposable_redis, make_settings, serve, unique_prefix
 
 MAX_CHARS = 200
 MAX_BATCH = 5
@@ -25,15 +17,8 @@ MAX_BATCH = 5
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[httpx.Client]:
     tmp = tmp_path_factory.mktemp("api")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        settings = make_settings(
-            tiny_model_dir, tmp / "store", url, prefix, max_doc_chars=MAX_CHARS, max_batch=MAX_BATCH
-        )
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
-            yield http
-        drop_prefix(url, prefix)
+    with serve(tmp, tiny_model_dir, max_doc_chars=MAX_CHARS, max_batch=MAX_BATCH) as served:
+        yield served.http
 
 
 def _detail(response: httpx.Response) -> str:
@@ -187,8 +172,7 @@ def test_reads(api: httpx.Client) -> None:
 def test_redis_down_refuses_writes_and_keeps_reads(tmp_path: Path, tiny_model_dir: Path) -> None:
     with disposable_redis() as (url, server):
         settings = make_settings(tiny_model_dir, tmp_path / "store", url, unique_prefix())
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+        with api_client(settings) as http:
             queued = http.post("/v1/documents", json={"text": "Queued while Redis was up."})
             assert queued.status_code == 202
             server.kill()

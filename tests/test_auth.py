@@ -16,15 +16,7 @@ from service.keys import Keys
 from service.redis_conn import client
 from service.settings import Settings
 from service.supervisor import child_env
-from tests.servicekit import (
-    disposable_redis,
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-)
+from tests.servicekit import api_client, disposable_redis, make_settings, serve, unique_prefix
 
 # Every endpoint behind a key, with a request it accepts: (method, path, JSON body).
 GUARDED = [
@@ -64,16 +56,8 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[AuthApi]:
-    tmp = tmp_path_factory.mktemp("auth")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp / "store", url, prefix, auth=True)
-        r = client(url)
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
-            yield AuthApi(http, r, KeyStore(r, Keys(prefix)), url, prefix)
-        r.close()
-        drop_prefix(url, prefix)
+    with serve(tmp_path_factory.mktemp("auth"), tiny_model_dir, auth=True) as s:
+        yield AuthApi(s.http, s.redis, s.keys, s.settings.redis_url, s.settings.redis_prefix)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -336,8 +320,7 @@ def test_confirmed_key_keeps_answering_while_redis_is_down(
         token = KeyStore(r, Keys(prefix)).create("default", ("read",))[1]
         r.close()
         ask = {"question": "Where?", "max_new_tokens": 2}
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+        with api_client(settings) as http:
             assert http.post("/v1/answer", json=ask, headers=bearer(token)).status_code == 200
             server.kill()
             server.wait()

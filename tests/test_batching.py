@@ -20,14 +20,7 @@ from service.engine import ServingEngine
 from service.keys import Keys
 from service.redis_conn import client
 from service.settings import Settings
-from tests.servicekit import (
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-)
+from tests.servicekit import isolated_settings, serve
 
 
 def test_concurrent_questions_share_calls_across_namespaces_and_are_routed_back() -> None:
@@ -68,14 +61,8 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_lives_on() -> None:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[httpx.Client]:
-    tmp = tmp_path_factory.mktemp("batching")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp / "store", url, prefix, answer_wait_ms=50)
-        with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
-            yield http
-        drop_prefix(url, prefix)
+    with serve(tmp_path_factory.mktemp("batching"), tiny_model_dir, answer_wait_ms=50) as served:
+        yield served.http
 
 
 def _batch_sizes(http: httpx.Client) -> tuple[float, float]:
@@ -128,14 +115,12 @@ def _publish_random_adapter(
 def test_one_generate_call_serves_several_namespaces_each_through_its_adapter(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp_path / "store", url, prefix, answer_wait_ms=50)
-        r = client(url)
+    with isolated_settings(tmp_path, tiny_model_dir, answer_wait_ms=50) as settings:
+        r = client(settings.redis_url)
         for seed, ns in enumerate(("alpha", "beta")):
             _publish_random_adapter(settings, r, ns, seed)
         sizes: list[int] = []
-        keys = Keys(prefix)
+        keys = Keys(settings.redis_prefix)
         engine = ServingEngine(
             settings, r, keys, AdapterStore(settings.adapters_dir()), on_batch=sizes.append
         )
@@ -153,7 +138,6 @@ def test_one_generate_call_serves_several_namespaces_each_through_its_adapter(
                 concurrent = list(pool.map(lambda a: engine.answer(a[0], a[1], 6), asks))
         finally:
             engine.stop()
-            drop_prefix(url, prefix)
             r.close()
     assert concurrent == sequential
     assert {v for (_, v), (_, ns) in zip(sequential, asks) if ns != "default"} == {1}

@@ -11,18 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.auth import KeyStore
-from service.keys import Keys
-from service.redis_conn import client
-from tests.servicekit import (
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-    worker_thread,
-)
+from tests.servicekit import serve, wait_until, worker_thread
 
 QUESTIONS = (
     "Where was Alda Venn born?",
@@ -76,25 +65,13 @@ class Tenant:
 
 @pytest.fixture
 def tenants(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[Tenant, Tenant]]:
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp_path / "store", url, prefix, auth=True)
-        r = client(url)
-        keys = KeyStore(r, Keys(prefix))
-        scopes = ("read", "write", "admin")
-        with (
-            live_api(settings) as base,
-            httpx.Client(base_url=base, timeout=180) as http,
-            worker_thread(settings),
-        ):
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
+    scopes = ("read", "write", "admin")
+    with serve(tmp_path, tiny_model_dir, timeout=180, auth=True) as s, worker_thread(s.settings):
 
-            def tenant(ns: str) -> Tenant:
-                return Tenant(http, ns, {"Authorization": f"Bearer {keys.create(ns, scopes)[1]}"})
+        def tenant(ns: str) -> Tenant:
+            return Tenant(s.http, ns, {"Authorization": f"Bearer {s.keys.create(ns, scopes)[1]}"})
 
-            yield tenant("iso-a"), tenant("iso-b")
-        r.close()
-        drop_prefix(url, prefix)
+        yield tenant("iso-a"), tenant("iso-b")
 
 
 def test_answers_in_b_never_change_while_only_a_learns(tenants: tuple[Tenant, Tenant]) -> None:

@@ -13,19 +13,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from service.auth import KeyStore
-from service.keys import Keys
-from service.redis_conn import client
 from service.settings import Settings
 from service.worker import Worker
-from tests.servicekit import (
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    unique_prefix,
-    wait_until,
-)
+from tests.servicekit import serve, wait_until
 
 # The default checks, with the API's documented answers to limits counted as what they are: 413
 # (a document over the size or batch limit, documented as maxLength and maxItems) rejects input,
@@ -59,20 +49,10 @@ def deployment(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("schemathesis")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        config = make_settings(
-            tiny_model_dir, tmp / "store", url, prefix, max_doc_chars=2000, max_batch=8, auth=True
-        )
-        r = client(url)
-        keys = KeyStore(r, Keys(prefix))
-        with live_api(config) as base, httpx.Client(base_url=base, timeout=120) as http:
-            wait_until(lambda: http.get("/readyz").status_code == 200, 60, what="readiness")
-            _learn_secret(http, config, keys.create(VAULT, ("read", "write"))[1])
-            # No rate limit: a 429 would only cut the fuzzing short.
-            yield Deployment(base, keys.create(TENANT, ("read", "write", "admin"), 0)[1])
-        r.close()
-        drop_prefix(url, prefix)
+    with serve(tmp, tiny_model_dir, timeout=120, auth=True, max_doc_chars=2000, max_batch=8) as s:
+        _learn_secret(s.http, s.settings, s.keys.create(VAULT, ("read", "write"))[1])
+        # No rate limit: a 429 would only cut the fuzzing short.
+        yield Deployment(s.url, s.keys.create(TENANT, ("read", "write", "admin"), 0)[1])
 
 
 def _learn_secret(http: httpx.Client, config: Settings, token: str) -> None:

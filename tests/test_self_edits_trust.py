@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import pytest
 import torch
 
@@ -19,22 +18,9 @@ from adaptation.learner import fit_passage
 from adaptation.prompts import self_edit_request
 from adaptation.self_edit import parse_self_edits
 from adaptation.trust import source_tag
-from service.auth import KeyStore
-from service.keys import Keys
-from service.redis_conn import client
 from service.worker import LoraModels
 from tests.conftest import RecordingWeighter
-from tests.servicekit import (
-    Stack,
-    assert_same,
-    differs,
-    drop_prefix,
-    live_api,
-    make_settings,
-    open_stack,
-    redis_for_tests,
-    unique_prefix,
-)
+from tests.servicekit import Stack, assert_same, differs, make_settings, open_stack, serve
 
 MAX_CHARS = 2000
 TEXT = "Oda Lind keeps goats in Hale."
@@ -239,30 +225,22 @@ def test_source_trust_needs_the_admin_scope_on_the_namespace(
         ("PUT", "/v1/namespaces/a/sources/wire", {"trust": 0.5}),
         ("DELETE", "/v1/namespaces/a/sources/wire", None),
     ]
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp_path / "store", url, prefix, auth=True)
-        r = client(url)
-        keys = KeyStore(r, Keys(prefix))
-        try:
-            with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
-                for method, path, body in calls:
-                    assert http.request(method, path, json=body).status_code == 401
-                    for scopes in (("read",), ("write",), ("read", "write")):
-                        token = keys.create("a", scopes)[1]
-                        headers = {"Authorization": f"Bearer {token}"}
-                        response = http.request(method, path, json=body, headers=headers)
-                        assert response.status_code == 403, (scopes, path, response.text)
-                        assert "needs admin" in response.text
-                    other = {"Authorization": f"Bearer {keys.create('b', ('admin',))[1]}"}
-                    refused = http.request(method, path, json=body, headers=other)
-                    assert refused.status_code == 403 and "--namespace a" in refused.text
-                    admin = {"Authorization": f"Bearer {keys.create('a', ('admin',))[1]}"}
-                    response = http.request(method, path, json=body, headers=admin)
-                    assert response.status_code == 200, response.text
-        finally:
-            r.close()
-            drop_prefix(url, prefix)
+    with serve(tmp_path, tiny_model_dir, auth=True) as served:
+        http, keys = served.http, served.keys
+        for method, path, body in calls:
+            assert http.request(method, path, json=body).status_code == 401
+            for scopes in (("read",), ("write",), ("read", "write")):
+                token = keys.create("a", scopes)[1]
+                headers = {"Authorization": f"Bearer {token}"}
+                response = http.request(method, path, json=body, headers=headers)
+                assert response.status_code == 403, (scopes, path, response.text)
+                assert "needs admin" in response.text
+            other = {"Authorization": f"Bearer {keys.create('b', ('admin',))[1]}"}
+            refused = http.request(method, path, json=body, headers=other)
+            assert refused.status_code == 403 and "--namespace a" in refused.text
+            admin = {"Authorization": f"Bearer {keys.create('a', ('admin',))[1]}"}
+            response = http.request(method, path, json=body, headers=admin)
+            assert response.status_code == 200, response.text
 
 
 # Mode seal.

@@ -7,16 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.servicekit import (
-    drop_prefix,
-    live_api,
-    make_settings,
-    redis_for_tests,
-    start_worker,
-    stop_process,
-    unique_prefix,
-    wait_until,
-)
+from tests.servicekit import isolated_settings, live_api, start_worker, stop_process, wait_until
 
 NS = "e2e"
 
@@ -28,9 +19,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_documents_flow_into_answers(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = make_settings(tiny_model_dir, tmp_path / "store", url, prefix, snapshot_every=6)
+    with isolated_settings(tmp_path, tiny_model_dir, snapshot_every=6) as settings:
         worker = start_worker(settings, tmp_path / "worker.log")
         try:
             with live_api(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
@@ -38,7 +27,6 @@ def test_documents_flow_into_answers(tmp_path: Path, tiny_model_dir: Path) -> No
             assert stop_process(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
         finally:
             stop_process(worker)
-            drop_prefix(url, prefix)
 
 
 def _run(http: httpx.Client, worker_log: Path) -> None:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from service.api import create_app
 from service.schemas import MAX_METADATA_BYTES, MAX_METADATA_DEPTH, DocumentIn
-from tests.servicekit import drop_prefix, make_settings, redis_for_tests, unique_prefix
+from tests.servicekit import isolated_settings
 
 MAX_CHARS = 300
 MAX_BATCH = 4
@@ -134,14 +134,13 @@ def test_metadata_is_strict_json_within_its_size(metadata: dict[str, Any]) -> No
 @pytest.fixture(scope="module")
 def http(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    with redis_for_tests(tmp) as url:
-        prefix = unique_prefix()
-        config = make_settings(
-            tiny_model_dir, tmp / "store", url, prefix, max_doc_chars=MAX_CHARS, max_batch=MAX_BATCH
-        )
-        with TestClient(create_app(config), raise_server_exceptions=False) as client:
-            yield client
-        drop_prefix(url, prefix)
+    with (
+        isolated_settings(
+            tmp, tiny_model_dir, max_doc_chars=MAX_CHARS, max_batch=MAX_BATCH
+        ) as config,
+        TestClient(create_app(config), raise_server_exceptions=False) as client,
+    ):
+        yield client
 
 
 def post(http: TestClient, raw: bytes, content_type: str = "application/json") -> tuple[int, Any]:

@@ -1,0 +1,1 @@
+"""The HTTP routes, one router per resource; `service.api.create_app` includes them all."""
