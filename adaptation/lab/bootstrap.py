@@ -23,6 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 
 from adaptation.answering import generate_answers
 from adaptation.data import QA, Document, all_questions, read_documents
+from adaptation.lab.tokenizer import train_bpe_tokenizer
+from adaptation.lab.world import WorldConfig, newcomers, write_world
 from adaptation.metrics import score
 from adaptation.modeling import default_device
 from adaptation.paths import (
@@ -33,8 +35,6 @@ from adaptation.paths import (
     demo_world_dir,
 )
 from adaptation.prompts import IGNORE, answer_batch, qa_tokens
-from adaptation.tokenizer import train_bpe_tokenizer
-from adaptation.world import WorldConfig, newcomers, write_world
 
 
 @dataclass(frozen=True)
@@ -423,7 +423,7 @@ DEMO_CAMELS = {
 
 def build_demo_weighter(model_dir: Path, quick: bool = False) -> Path:
     """Meta-train the demo CaMeLS weighting model for `model_dir` on its world's streams."""
-    from adaptation.camels_training import MetaTrainConfig, meta_train
+    from adaptation.lab.camels_training import MetaTrainConfig, meta_train
 
     config = MetaTrainConfig.quick() if quick else MetaTrainConfig(**DEMO_CAMELS)  # type: ignore[arg-type]
     world = _world_of(model_dir)
@@ -436,7 +436,7 @@ def build_demo_weighter(model_dir: Path, quick: bool = False) -> Path:
 
 def build_demo_mac(model_dir: Path, quick: bool = False) -> Path:
     """Train the demo MAC networks for `model_dir` on its world's streams."""
-    from adaptation.mac.training import QUICK, MacTrainConfig, train_mac
+    from adaptation.lab.mac_training import QUICK, MacTrainConfig, train_mac
 
     # MacTrainConfig's step budget and no time limit, so that a slower machine builds the same
     # networks (the best by validation, early: they overfit the meta-train stream soon after).

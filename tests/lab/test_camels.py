@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.camels_training import (
+from adaptation.data import QA, Document, write_documents
+from adaptation.lab.camels_training import (
     MetaLearner,
     MetaTrainConfig,
     build_learner,
@@ -21,9 +22,8 @@ from adaptation.camels_training import (
     project_weights,
     sample_episodes,
 )
-from adaptation.data import QA, Document, write_documents
+from adaptation.lab.tokenizer import train_bpe_tokenizer
 from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
-from adaptation.tokenizer import train_bpe_tokenizer
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import encode_weighted, make_weighter, project_to_tokens
 from adaptation.weighting.base import WeightedText

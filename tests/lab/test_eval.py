@@ -16,7 +16,7 @@ import torch
 
 from adaptation.answering import generate_answers
 from adaptation.data import QA, Document, all_questions, read_documents, write_documents
-from adaptation.evaluation import (
+from adaptation.lab.evaluation import (
     Baseline,
     BaseMethod,
     EvalConfig,
