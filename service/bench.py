@@ -240,6 +240,56 @@ def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str
 # The whole run.
 
 
+def _per_mode(
+    settings: Settings,
+    tmp: Path,
+    docs: list[Document],
+    texts: list[str],
+    cfg: BenchConfig,
+    mac_dir: Path | None,
+    report: dict,
+    log: Callable[[str], None],
+) -> None:
+    """(d) mac's ingest cost, when MAC networks are given, and (c) each mode's freshness on a
+    fresh lineage under `tmp`, into `report`."""
+    modes: dict[str, dict] = {"lora": {}}
+    if mac_dir is not None:
+        modes["mac"] = {"mode": "mac", "mac_dir": mac_dir}
+        log(f"(d) mac ingest on the same {cfg.docs} documents")
+        report["ingest"]["mac"] = worker_ingest(
+            settings.model_copy(
+                update={
+                    "redis_prefix": f"{settings.redis_prefix}-ingest-mac",
+                    "store_dir": tmp / "store-ingest-mac",
+                    **modes["mac"],
+                }
+            ),
+            texts,
+        )
+    else:
+        report["modes_not_measured"] = {
+            "mac": "not measured: pass --mac DIR (trained MAC networks, from "
+            "`uptake meta-train mac`)"
+        }
+    for mode, update in modes.items():
+        fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
+            update={
+                "redis_prefix": f"{settings.redis_prefix}-fresh-{mode}",
+                "store_dir": tmp / f"store-fresh-{mode}",
+                "snapshot_seconds": 1.0,
+                **update,
+            }
+        )
+        with live_service(
+            service_env(fresh_settings), fresh_settings.store_dir / "logs", True
+        ) as http:
+            log(
+                f"(c) {mode} freshness at {cfg.ingest_rate:g} documents/s "
+                f"({cfg.freshness_docs} docs)"
+            )
+            report["freshness"][mode] = freshness(http, docs[: cfg.freshness_docs], cfg.ingest_rate)
+
+
 def run_bench(
     model: str,
     out: Path,
@@ -293,44 +343,7 @@ def run_bench(
                 row = http_answering(http, questions, clients)
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
-        modes: dict[str, dict] = {"lora": {}}
-        if mac_dir is not None:
-            modes["mac"] = {"mode": "mac", "mac_dir": mac_dir}
-            log(f"(d) mac ingest on the same {cfg.docs} documents")
-            report["ingest"]["mac"] = worker_ingest(
-                settings.model_copy(
-                    update={
-                        "redis_prefix": f"{settings.redis_prefix}-ingest-mac",
-                        "store_dir": Path(tmp) / "store-ingest-mac",
-                        **modes["mac"],
-                    }
-                ),
-                texts,
-            )
-        else:
-            report["modes_not_measured"] = {
-                "mac": "not measured: pass --mac DIR (trained MAC networks, from "
-                "`uptake meta-train mac`)"
-            }
-        for mode, update in modes.items():
-            fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
-                update={
-                    "redis_prefix": f"{settings.redis_prefix}-fresh-{mode}",
-                    "store_dir": Path(tmp) / f"store-fresh-{mode}",
-                    "snapshot_seconds": 1.0,
-                    **update,
-                }
-            )
-            with live_service(
-                service_env(fresh_settings), fresh_settings.store_dir / "logs", True
-            ) as http:
-                log(
-                    f"(c) {mode} freshness at {cfg.ingest_rate:g} documents/s "
-                    f"({cfg.freshness_docs} docs)"
-                )
-                report["freshness"][mode] = freshness(
-                    http, docs[: cfg.freshness_docs], cfg.ingest_rate
-                )
+        _per_mode(settings, Path(tmp), docs, texts, cfg, mac_dir, report, log)
         stale = list(client.scan_iter(f"{settings.redis_prefix}*", count=500))
         if stale:
             client.delete(*stale)

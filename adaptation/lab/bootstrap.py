@@ -67,9 +67,8 @@ class DemoSpec:
 SHORT_SEQ = 64
 PASS_COST_TOKENS = 128
 
-# Half the demo's questions are asked in context: closed-book extraction 0.46 to 0.53 over three
-# builds against 0.38 to 0.45 at 30%, and CaMeLS gains 2.05 to 2.41x uniform on it (1.70x at 30%);
-# 70% was no better (0.52). The variant and the reader were measured at 30% and stay there
+# The demo asks half its questions in context, the share that taught it most closed-book
+# extraction; the variant and the reader keep the share they were built and evaluated with
 # (docs/results/demo-spec.md).
 SPECS: dict[str, DemoSpec] = {
     "demo": DemoSpec(context_share=0.5),
@@ -405,13 +404,10 @@ def ensure_demo_model() -> Path:
 
 
 # The demo weighting model's meta-training: through the worker's own update (clipped AdamW at the
-# swept uniform rate, moments carried), inner loss normalised by the sum of weights. Against plain
-# SGD (15 minutes) it weighted facts 1.65x the mean and gained 1.44x uniform's uptake at 0.047
-# lower retention; against Adam, in 563 steps (20 to 30 minutes on 2 idle cores), 9.3x and 1.70x
-# at 0.033 higher retention, better than at 272 steps on each (docs/results/eval-camels-adam.md).
-# On the current demo (half its questions asked in context): 7.6x and 2.05x, retention 0.973 against
-# uniform's 0.677 (docs/results/demo-spec.md).
-# A step budget, not a time one, so that every machine builds that same weighting model.
+# swept uniform rate, moments carried), inner loss normalised by the sum of weights, so that the
+# weights it learns are those the worker's own steps profit from (docs/results/eval-camels-adam.md
+# and demo-spec.md compare it with plain SGD). A step budget, not a time one, so that every
+# machine builds that same weighting model.
 DEMO_CAMELS = {
     "normalisation": "weights",
     "inner_optimizer": "adam",
