@@ -319,7 +319,7 @@ def test_meta_train_quick_cli_end_to_end(
         "--inner-lr",
         "1.0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "meta-training camels" in done.stderr, "a progress bar is shown"

@@ -36,7 +36,7 @@ from adaptation.trust import source_tag
 from adaptation.weighting import make_weighter
 from tests.conftest import RecordingWeighter
 
-SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
+SQUAD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad_v1.1_dev.json"
 
 
 def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:
