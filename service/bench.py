@@ -11,17 +11,12 @@ costs at ingest and in storage.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,9 +25,10 @@ import torch
 
 from adaptation.answering import generate_answers
 from adaptation.data import Document
+from adaptation.lab.live import live_service
+from adaptation.lab.world import World, WorldConfig
 from adaptation.learner import Learner, fresh_adapter
 from adaptation.modeling import load_base
-from adaptation.world import World, WorldConfig
 from service.documents import DocumentStore
 from service.redis_conn import redis_url
 from service.settings import Settings
@@ -169,59 +165,10 @@ def worker_ingest(settings: Settings, texts: list[str]) -> dict[str, float]:
 # (b) and (c): through HTTP.
 
 
-@contextmanager
-def live_service(settings: Settings, with_worker: bool) -> Iterator[httpx.Client]:
-    """The service as deployed: `uptake serve` (and `uptake worker`) as child processes, so the
-    benchmark's client threads do not share an interpreter with the server."""
-    with socket.socket() as s:
-        s.bind((settings.host, 0))
-        port = int(s.getsockname()[1])
-    update: dict[str, object] = {"port": port, "redis_url": redis_url(settings)}
-    if with_worker and settings.torch_threads is None:  # two model processes share the cores
-        update["torch_threads"] = max(1, (os.cpu_count() or 2) // 2)
-    env = settings.model_copy(update=update).child_env()
-    logs = settings.store_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for command in ["serve", "worker"] if with_worker else ["serve"]:
-        with (logs / f"{command}.log").open("ab") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", command],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    http = httpx.Client(base_url=f"http://{settings.host}:{port}", timeout=600)
-
-    def ready() -> bool:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"a service process exited during start-up; see {logs}")
-        return http.get("/readyz").status_code == 200
-
-    try:
-        wait_until(ready, 600, f"the API to be ready (logs in {logs})")
-        yield http
-    finally:
-        http.close()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=120)
-
-
-def wait_until(probe: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `probe` (an HTTP error counts as not yet) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if probe():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+def service_env(settings: Settings) -> dict[str, str]:
+    """`settings` as the `UPTAKE_*` variables of the launched processes, with the Redis they
+    share resolved here (an embedded one under the store is started in this process)."""
+    return settings.model_copy(update={"redis_url": redis_url(settings)}).child_env()
 
 
 def bare_answer_rate(settings: Settings, questions: list[str]) -> float:
@@ -293,6 +240,56 @@ def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str
 # The whole run.
 
 
+def _per_mode(
+    settings: Settings,
+    tmp: Path,
+    docs: list[Document],
+    texts: list[str],
+    cfg: BenchConfig,
+    mac_dir: Path | None,
+    report: dict,
+    log: Callable[[str], None],
+) -> None:
+    """(d) mac's ingest cost, when MAC networks are given, and (c) each mode's freshness on a
+    fresh lineage under `tmp`, into `report`."""
+    modes: dict[str, dict] = {"lora": {}}
+    if mac_dir is not None:
+        modes["mac"] = {"mode": "mac", "mac_dir": mac_dir}
+        log(f"(d) mac ingest on the same {cfg.docs} documents")
+        report["ingest"]["mac"] = worker_ingest(
+            settings.model_copy(
+                update={
+                    "redis_prefix": f"{settings.redis_prefix}-ingest-mac",
+                    "store_dir": tmp / "store-ingest-mac",
+                    **modes["mac"],
+                }
+            ),
+            texts,
+        )
+    else:
+        report["modes_not_measured"] = {
+            "mac": "not measured: pass --mac DIR (trained MAC networks, from "
+            "`uptake meta-train mac`)"
+        }
+    for mode, update in modes.items():
+        fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
+            update={
+                "redis_prefix": f"{settings.redis_prefix}-fresh-{mode}",
+                "store_dir": tmp / f"store-fresh-{mode}",
+                "snapshot_seconds": 1.0,
+                **update,
+            }
+        )
+        with live_service(
+            service_env(fresh_settings), fresh_settings.store_dir / "logs", True
+        ) as http:
+            log(
+                f"(c) {mode} freshness at {cfg.ingest_rate:g} documents/s "
+                f"({cfg.freshness_docs} docs)"
+            )
+            report["freshness"][mode] = freshness(http, docs[: cfg.freshness_docs], cfg.ingest_rate)
+
+
 def run_bench(
     model: str,
     out: Path,
@@ -340,48 +337,13 @@ def run_bench(
             "ingest": {"lora": {**costs, "seconds_per_document": 1 / worker_dps}},
             "freshness": {},
         }
-        with live_service(settings, with_worker=False) as http:
+        with live_service(service_env(settings), settings.store_dir / "logs", False) as http:
             for clients in cfg.concurrency:
                 log(f"(b) HTTP answering with {clients} concurrent clients")
                 row = http_answering(http, questions, clients)
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
-        modes: dict[str, dict] = {"lora": {}}
-        if mac_dir is not None:
-            modes["mac"] = {"mode": "mac", "mac_dir": mac_dir}
-            log(f"(d) mac ingest on the same {cfg.docs} documents")
-            report["ingest"]["mac"] = worker_ingest(
-                settings.model_copy(
-                    update={
-                        "redis_prefix": f"{settings.redis_prefix}-ingest-mac",
-                        "store_dir": Path(tmp) / "store-ingest-mac",
-                        **modes["mac"],
-                    }
-                ),
-                texts,
-            )
-        else:
-            report["modes_not_measured"] = {
-                "mac": "not measured: pass --mac DIR (trained MAC networks, from "
-                "`uptake meta-train mac`)"
-            }
-        for mode, update in modes.items():
-            fresh_settings = settings.model_copy(  # a new lineage: nothing applied yet
-                update={
-                    "redis_prefix": f"{settings.redis_prefix}-fresh-{mode}",
-                    "store_dir": Path(tmp) / f"store-fresh-{mode}",
-                    "snapshot_seconds": 1.0,
-                    **update,
-                }
-            )
-            with live_service(fresh_settings, with_worker=True) as http:
-                log(
-                    f"(c) {mode} freshness at {cfg.ingest_rate:g} documents/s "
-                    f"({cfg.freshness_docs} docs)"
-                )
-                report["freshness"][mode] = freshness(
-                    http, docs[: cfg.freshness_docs], cfg.ingest_rate
-                )
+        _per_mode(settings, Path(tmp), docs, texts, cfg, mac_dir, report, log)
         stale = list(client.scan_iter(f"{settings.redis_prefix}*", count=500))
         if stale:
             client.delete(*stale)

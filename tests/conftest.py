@@ -23,11 +23,11 @@ from transformers import (
 )
 
 from adaptation.bases import DEFAULT_BASE, resolve_base
+from adaptation.lab.tokenizer import train_bpe_tokenizer
 from adaptation.mac.networks import MacConfig
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.prompts import answer_batch
-from adaptation.tokenizer import train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,7 @@ def tiny_mac_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def quick_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A quick demo model and its world (it knows little; for plumbing, not learning)."""
-    from adaptation.bootstrap import build_demo_model
+    from adaptation.lab.bootstrap import build_demo_model
 
     home = tmp_path_factory.mktemp("uptake-home")
     build_demo_model(out_dir=home / "demo-quick", world_dir=home / "world-quick", quick=True)

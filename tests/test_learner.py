@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptation.data import Document
-from adaptation.evaluation import EvalConfig, make_method
+from adaptation.lab.evaluation import EvalConfig, make_method
 from adaptation.learner import LearnSettings, split_text
 from adaptation.modeling import LoraSettings, lora_parameters
 from adaptation.weighting import make_weighter

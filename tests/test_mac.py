@@ -10,6 +10,7 @@ import torch
 
 from adaptation.answering import generate_answers, generate_batched
 from adaptation.data import write_documents
+from adaptation.lab.world import WorldConfig, build_world
 from adaptation.mac.aggregator import Aggregator, AggregatorConfig
 from adaptation.mac.amortizer import EncoderConfig, tokenize
 from adaptation.mac.bank import MemoryBank
@@ -18,7 +19,6 @@ from adaptation.mac.injection import encode_prompts, prefix_logits, prompt_posit
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.prompts import qa_prompt
-from adaptation.world import WorldConfig, build_world
 from service.cli import main
 from tests.conftest import save_tiny, tiny_mac_system
 

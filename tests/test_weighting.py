@@ -7,7 +7,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from adaptation.data import QA, Document
-from adaptation.tokenizer import train_bpe_tokenizer
+from adaptation.lab.tokenizer import train_bpe_tokenizer
+from adaptation.lab.weight_breakdown import CLASSES, char_classes, weight_breakdown
 from adaptation.weighting import (
     SalientWeighter,
     TfidfWeighter,
@@ -16,7 +17,6 @@ from adaptation.weighting import (
     encode_weighted,
     make_weighter,
 )
-from adaptation.weighting.breakdown import CLASSES, char_classes, weight_breakdown
 from tests.conftest import tiny_tokenizer
 
 TEXT = (

@@ -1,7 +1,7 @@
 """CaMeLS: a small causal transformer that reads a document and says how much each token should
 count in the update loss.
 
-It is trained by meta-learning (adaptation.camels_training) so that the weighted update makes the
+It is trained by meta-learning (adaptation.lab.camels_training) so that the weighted update makes the
 base answer questions about the document. Its weights are per character, via its own tokenizer's
 offsets, so a weighting model meta-trained with one base serves any other.
 """

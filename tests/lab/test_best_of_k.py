@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptation.best_of_k import answer_nll, best_of_k, correlation, probe_score
 from adaptation.data import QA
+from adaptation.lab.best_of_k import answer_nll, best_of_k, correlation, probe_score
 from adaptation.modeling import LoraSettings, attach_lora, load_base
 from adaptation.self_edit import apply_with_self_edits
 from adaptation.updater import OnlineUpdater, StepReport, UpdateConfig

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from adaptation.data import Document
+from adaptation.lab.world import CHANGE_TEMPLATES, ORG_FACTS, PERSON_FACTS
 from adaptation.prompts import qa_text
-from adaptation.world import CHANGE_TEMPLATES, ORG_FACTS, PERSON_FACTS
 
 FACTS: dict[str, tuple[list[str], list[str]]] = {**PERSON_FACTS, **ORG_FACTS}
 _VALUE_PATTERNS = {"birth_year": r"\d{4}", "founded": r"\d{4}", "role": r"[a-z]+"}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.camels_training import (
+from adaptation.data import QA, Document, write_documents
+from adaptation.lab.camels_training import (
     MetaLearner,
     MetaTrainConfig,
     build_learner,
@@ -21,9 +22,8 @@ from adaptation.camels_training import (
     project_weights,
     sample_episodes,
 )
-from adaptation.data import QA, Document, write_documents
+from adaptation.lab.tokenizer import train_bpe_tokenizer
 from adaptation.modeling import LoraSettings, attach_lora, load_base, lora_parameters
-from adaptation.tokenizer import train_bpe_tokenizer
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import encode_weighted, make_weighter, project_to_tokens
 from adaptation.weighting.base import WeightedText
@@ -319,7 +319,7 @@ def test_meta_train_quick_cli_end_to_end(
         "--inner-lr",
         "1.0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "meta-training camels" in done.stderr, "a progress bar is shown"

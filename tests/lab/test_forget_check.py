@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from adaptation.data import QA, Document
-from adaptation.paths import demo_model_dir, demo_world_dir
-from service.cli import main
-from service.forget_check import (
+from adaptation.lab.forget_check import (
     ForgetConfig,
     Phase,
     forget_figures,
@@ -19,6 +17,8 @@ from service.forget_check import (
     run_forget_check,
     write_figures,
 )
+from adaptation.paths import demo_model_dir, demo_world_dir
+from service.cli import main
 from service.settings import Settings
 from tests.servicekit import redis_for_tests
 
@@ -100,7 +100,9 @@ def test_forgetting_on_the_demo_model(tmp_path: Path) -> None:
     if not (model / "config.json").exists() or not stream.exists():
         pytest.skip("needs the demo model and world (`uptake world` and `uptake bootstrap`)")
     with redis_for_tests(tmp_path) as url:
-        figures = run_forget_check(str(model), stream, ForgetConfig(), Settings(redis_url=url))
+        figures = run_forget_check(
+            str(model), stream, ForgetConfig(), Settings(redis_url=url).child_env()
+        )
     print(forget_table(figures))
     write_figures(figures, tmp_path / "forget.json")
     assert json.loads((tmp_path / "forget.json").read_text())["documents"] == 20

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adaptation.data import QA, Document
-from adaptation.squad_split import known_questions, spread, unstreamed_titles
+from adaptation.lab.squad_split import known_questions, spread, unstreamed_titles
 
 
 def doc(title: str, *questions: tuple[str, str]) -> Document:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adaptation.data import Document, all_questions, write_documents
-from adaptation.mac.scaling import (
+from adaptation.lab.mac_scaling import (
     FILLER_PREFIX,
     ScalingConfig,
     filler_documents,
@@ -19,9 +19,9 @@ from adaptation.mac.scaling import (
     run_scaling,
     write_scaling,
 )
+from adaptation.lab.world import WorldConfig, build_world
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
-from adaptation.world import WorldConfig, build_world
 from service.cli import main
 
 SMALL = WorldConfig(

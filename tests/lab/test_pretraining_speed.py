@@ -1,6 +1,6 @@
 """How much faster the demo model's pretraining step is than one plain pass over the batch, on the
 same batches of the same model in one run. A benchmark (slow):
-`pytest -m slow tests/test_pretraining_speed.py -s`."""
+`pytest -m slow tests/lab/test_pretraining_speed.py -s`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptation import bootstrap
 from adaptation.data import read_documents
-from adaptation.world import write_world
+from adaptation.lab import bootstrap
+from adaptation.lab.world import write_world
 from tests.conftest import one_padded_pass
 
 BATCHES = 30

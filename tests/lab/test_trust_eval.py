@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from adaptation.conflicts import (
+from adaptation.data import read_documents
+from adaptation.lab.conflicts import (
     ConflictConfig,
     build_conflicts,
     conflict_items,
     fresh_world,
     trusted_win_rate,
 )
-from adaptation.data import read_documents
-from adaptation.evaluation import EvalConfig, LoraMethod
-from adaptation.trust_eval import TrustConfig, forgetting_run, run_trust
+from adaptation.lab.evaluation import EvalConfig, LoraMethod
+from adaptation.lab.trust_eval import TrustConfig, forgetting_run, run_trust
+from adaptation.lab.world import WorldConfig
 from adaptation.weighting import make_weighter
-from adaptation.world import WorldConfig
 
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

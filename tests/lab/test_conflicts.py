@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptation.best_of_k import answer_nll
-from adaptation.conflicts import (
+from adaptation.data import Document, read_documents
+from adaptation.lab.best_of_k import answer_nll
+from adaptation.lab.conflicts import (
     ConflictConfig,
     ConflictItem,
     answer_outcomes,
@@ -15,12 +16,11 @@ from adaptation.conflicts import (
     trusted_win_rate,
     write_conflicts,
 )
-from adaptation.data import Document, read_documents
+from adaptation.lab.world import World, WorldConfig
 from adaptation.modeling import LoraSettings, attach_lora, load_base
 from adaptation.trust import SourceTrust, apply_trusted
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import UniformWeighter, encode_weighted
-from adaptation.world import World, WorldConfig
 
 SMALL = WorldConfig(seed=0, filler_range=(0, 1))
 

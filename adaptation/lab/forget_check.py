@@ -13,19 +13,18 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from adaptation.answering import SCORED_ANSWER_TOKENS
 from adaptation.data import Document, read_documents
+from adaptation.lab.live import live_service, wait_until
 from adaptation.metrics import score
-from service.bench import live_service, wait_until
-from service.redis_conn import connect
-from service.settings import Settings
 
 NAMESPACE = "forget-check"
 SETTLE_SECONDS = 3600
@@ -35,7 +34,7 @@ PHASES = ("before_ingest", "after_ingest", "after_forget")
 @dataclass(frozen=True)
 class ForgetConfig:
     docs: int = 20
-    lr: float = 2e-3  # uniform's best in the swept stream evaluation of the demo model
+    lr: float = 2e-3
     steps_per_doc: int = 1
 
 
@@ -52,50 +51,60 @@ def run_forget_check(
     model: str,
     data: Path,
     cfg: ForgetConfig,
-    base_settings: Settings | None = None,
+    env: Mapping[str, str],
     command: str = "uptake forget-check",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The figures of one run (see `forget_figures`), with the settings that produced them."""
+    """The figures of one run (see `forget_figures`), with the settings that produced them.
+
+    `env` is the service's whole configuration as `UPTAKE_*` variables (`Settings.child_env()`),
+    Redis URL included: the run changes only what it must and reads the rest back from it."""
     docs = [d for d in read_documents(data) if d.questions][: cfg.docs]
     if len(docs) < 2:
         raise ValueError(f"{data} has fewer than 2 documents with questions; nothing to compare")
     started = time.perf_counter()
+    prefix = f"uptake-forget-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="uptake-forget-") as tmp:
-        settings = (base_settings or Settings()).model_copy(
-            update={
-                "model": model,
-                "store_dir": Path(tmp) / "store",
-                "redis_prefix": f"uptake-forget-{uuid.uuid4().hex[:8]}",
-                "auth": False,
-                "lr": cfg.lr,
-                "steps_per_doc": cfg.steps_per_doc,
-                "guard_probes": None,  # the guard could hold documents back and blur the figures
+        service = {k: v for k, v in env.items() if k != "UPTAKE_GUARD_PROBES"}
+        # The guard is left off: it could hold documents back and blur the figures.
+        service.update(
+            {
+                "UPTAKE_MODEL": model,
+                "UPTAKE_STORE_DIR": str(Path(tmp) / "store"),
+                "UPTAKE_REDIS_PREFIX": prefix,
+                "UPTAKE_AUTH": "false",
+                "UPTAKE_LR": str(cfg.lr),
+                "UPTAKE_STEPS_PER_DOC": str(cfg.steps_per_doc),
             }
         )
         try:
-            with live_service(settings, with_worker=True) as http:
-                phases, forgotten = _measure(http, docs, settings.max_batch, log)
+            with live_service(service, Path(tmp) / "store" / "logs", with_worker=True) as http:
+                phases, forgotten = _measure(http, docs, int(env["UPTAKE_MAX_BATCH"]), log)
         finally:
-            client = connect(settings)
-            stale = list(client.scan_iter(f"{settings.redis_prefix}*", count=500))
-            if stale:
-                client.delete(*stale)
-            client.close()
+            _drop_keys(env["UPTAKE_REDIS_URL"], prefix)
     figures = forget_figures(docs, phases, forgotten)
     figures.update(
         {
             "command": command,
             "model": model,
             "data": str(data),
-            "strategy": settings.strategy,
+            "strategy": env["UPTAKE_STRATEGY"],
             "lr": cfg.lr,
             "steps_per_doc": cfg.steps_per_doc,
-            "snapshot_every": settings.snapshot_every,
+            "snapshot_every": int(env["UPTAKE_SNAPSHOT_EVERY"]),
             "seconds": round(time.perf_counter() - started, 1),
         }
     )
     return figures
+
+
+def _drop_keys(url: str, prefix: str) -> None:
+    """Leave the shared Redis as the run found it."""
+    client = redis.Redis.from_url(url)
+    stale = list(client.scan_iter(f"{prefix}*", count=500))
+    if stale:
+        client.delete(*stale)
+    client.close()
 
 
 def _measure(

@@ -16,7 +16,7 @@ import torch
 
 from adaptation.answering import generate_answers
 from adaptation.data import QA, Document, all_questions, read_documents, write_documents
-from adaptation.evaluation import (
+from adaptation.lab.evaluation import (
     Baseline,
     BaseMethod,
     EvalConfig,
@@ -36,7 +36,7 @@ from adaptation.trust import source_tag
 from adaptation.weighting import make_weighter
 from tests.conftest import RecordingWeighter
 
-SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad_v1.1_dev.json"
+SQUAD = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "squad_v1.1_dev.json"
 
 
 def test_quick_bootstrap_is_a_standard_hf_directory(quick_home: Path) -> None:

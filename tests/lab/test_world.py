@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from adaptation.world import PERSON_FACTS, WorldConfig, build_world, newcomers, write_world
+from adaptation.lab.world import PERSON_FACTS, WorldConfig, build_world, newcomers, write_world
 
 SMALL = WorldConfig(
     pretrain_people=20,

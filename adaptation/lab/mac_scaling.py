@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from adaptation.conflicts import fresh_world
 from adaptation.data import Document, all_questions, read_documents
-from adaptation.evaluation import EvalConfig
+from adaptation.lab.conflicts import fresh_world
+from adaptation.lab.evaluation import EvalConfig
+from adaptation.lab.world import WorldConfig
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import MacSystem
 from adaptation.metrics import score
 from adaptation.modeling import load_base
-from adaptation.world import WorldConfig
 
 FILLER_PREFIX = "fill"
 

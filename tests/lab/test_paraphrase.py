@@ -3,11 +3,11 @@ import dataclasses
 import pytest
 
 from adaptation.data import Document
+from adaptation.lab.paraphrase import extract_facts, paraphrase, with_paraphrases
+from adaptation.lab.world import WorldConfig, build_world
 from adaptation.learner import edit_sequences
-from adaptation.paraphrase import extract_facts, paraphrase, with_paraphrases
 from adaptation.prompts import qa_text
 from adaptation.self_edit import parse_self_edits
-from adaptation.world import WorldConfig, build_world
 
 SMALL = WorldConfig(
     pretrain_people=12,

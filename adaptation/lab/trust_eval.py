@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adaptation.best_of_k import answer_nll
-from adaptation.conflicts import (
+from adaptation.data import QA, Document, all_questions
+from adaptation.lab.best_of_k import answer_nll
+from adaptation.lab.conflicts import (
     ConflictConfig,
     answer_outcomes,
     build_conflicts,
@@ -43,8 +44,8 @@ from adaptation.conflicts import (
     fresh_world,
     trusted_win_rate,
 )
-from adaptation.data import QA, Document, all_questions
-from adaptation.evaluation import EvalConfig, LoraMethod
+from adaptation.lab.evaluation import EvalConfig, LoraMethod
+from adaptation.lab.world import WorldConfig
 from adaptation.learner import LearnSettings
 from adaptation.metrics import score
 from adaptation.modeling import LoraSettings
@@ -52,7 +53,6 @@ from adaptation.prompts import qa_tokens
 from adaptation.trust import SourceTrust
 from adaptation.weighting import make_weighter
 from adaptation.weighting.base import WeightedText
-from adaptation.world import WorldConfig
 
 RELIABLE = "reliable"
 UNRELIABLE = "unreliable"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adaptation import bootstrap
+from adaptation.lab import bootstrap
 from adaptation.mac.system import MacSystem
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_weighter_dir

@@ -1,23 +1,234 @@
-"""The `uptake` command. Each subcommand is a thin shell over a function in adaptation/ or service/."""
+"""The lab's commands: the world, the demo model, evaluation, meta-training, weights, the
+benchmarks, the SQuAD split, trust and forget-check, as sub-commands of the same `uptake`.
+
+Each handler imports what it runs (the lab included), so `uptake --help` and argument errors come
+back without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from adaptation.bases import DEFAULT_BASE, BaseMissing
+from adaptation.bases import DEFAULT_BASE
+from service.cli.options import (
+    add_options,
+    at_least_one,
+    config_values,
+    floats,
+    ints,
+    names,
+    opt,
+    trust_weights,
+)
+from service.cli.serving import checked_settings
 
 if TYPE_CHECKING:
-    from adaptation.camels_training import MetaTrainConfig
-    from service.settings import Settings
-
-Handler = Callable[[argparse.Namespace], int | None]
+    from adaptation.lab.camels_training import MetaTrainConfig
 
 
-def _add_world(sub: argparse._SubParsersAction) -> None:
+EVAL_OPTIONS = (
+    opt("--data", "JSONL stream or SQuAD-style JSON", to=None, required=True),
+    opt(
+        "--protocol",
+        "stream: one adapter (or store) reads the documents once, in order, and is asked "
+        "all their questions at the end; single (SEAL's): each document is learned alone from "
+        "a fresh adapter, asked its own questions, then the adapter is reset, and uptake is "
+        "the mean over documents (default: %(default)s)",
+        choices=["stream", "single"],
+        default="stream",
+    ),
+    opt(
+        "--epochs",
+        "passes over each document's training sequences (its text's chunks, plus its "
+        "self-edits for seal), in either protocol (default: %(default)s)",
+        to=None,
+        type=at_least_one,
+        default=1,
+    ),
+    opt(
+        "--model",
+        f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
+        to=None,
+    ),
+    opt(
+        "--strategies",
+        "comma list of uniform,salient,tfidf,camels,seal,seal-best,rag,mac,mac+rag "
+        "(seal trains on the document plus its self-edits: supplied ones, or the template "
+        "paraphraser's for a world article; seal-best keeps the best of --best-of-k)",
+        type=names,
+        default="uniform,salient,tfidf,rag",
+    ),
+    opt("--out", "directory for report.json, report.md and the plots", to=None, required=True),
+    opt(
+        "--retention",
+        "retention QA file: questions the base already answers, asked closed-book "
+        "before and after (default: retention_qa.jsonl beside --data, if any)",
+        to=None,
+    ),
+    opt(
+        "--reading",
+        "held-out passages with questions (JSONL or SQuAD-style JSON): each question is "
+        "asked with its own passage in context, before and after, to tell whether the model "
+        "still reads (default: none)",
+        to=None,
+    ),
+    opt("--limit", "use the first N documents", type=int),
+    opt("--seed", "one seed (shortcut for --seeds)", to=None, type=int),
+    opt("--seeds", "comma list of seeds, e.g. 0,1,2", to=None, type=ints, default=(0,)),
+    opt(
+        "--lr", "LoRA learning rate, unless swept (default: %(default)s)", type=float, default=1e-3
+    ),
+    opt(
+        "--steps-per-doc",
+        "gradient steps on each document, unless swept (default: %(default)s)",
+        type=int,
+        default=1,
+    ),
+    opt(
+        "--normalisation",
+        "divide the weighted loss by the token count, the sum of weights, or a fixed "
+        "1,024 (default: %(default)s)",
+        default="tokens",
+        choices=["tokens", "weights", "fixed"],
+    ),
+    opt(
+        "--lora-rank",
+        "LoRA rank, as the service's UPTAKE_LORA_RANK (default: %(default)s)",
+        to=None,
+        type=int,
+        default=16,
+    ),
+    opt(
+        "--lora-alpha",
+        "LoRA alpha (the update is scaled by alpha / rank), as the service's "
+        "UPTAKE_LORA_ALPHA (default: %(default)s)",
+        to=None,
+        type=int,
+        default=32,
+    ),
+    opt(
+        "--lora-targets",
+        "comma list of module names to adapt, e.g. gate_proj,up_proj,down_proj "
+        "(default: every attention and MLP projection present)",
+        to=None,
+        type=names,
+    ),
+    opt(
+        "--full-finetune",
+        "train every weight of the base instead of a LoRA adapter (the baseline for "
+        "LoRA's uptake and retention; on the demo, rates of 5e-5 to 1e-4 suited it)",
+        action="store_true",
+    ),
+    opt(
+        "--sweep-lrs",
+        "comma list of learning rates to sweep on --val; the best per strategy "
+        "(by uptake, subject to --retention-floor) is used",
+        type=floats,
+        default=(),
+    ),
+    opt(
+        "--sweep-steps",
+        "comma list of steps per document to sweep with each rate (default: --steps-per-doc)",
+        type=ints,
+        default=(),
+    ),
+    opt("--val", "validation stream for the sweep", to=None),
+    opt(
+        "--retention-floor",
+        "the sweep keeps only settings whose retention is at least this (default: %(default)s)",
+        type=float,
+        default=0.9,
+    ),
+    opt("--weighter", "CaMeLS weighting model dir (for camels)", to="weighter_path"),
+    opt("--mac", "trained MAC dir (for mac, mac+rag)", to="mac_path"),
+    opt("--checkpoints", "points on the uptake curve", type=int, default=5),
+    opt(
+        "--retention-matrix",
+        "after every document, score every earlier document's questions; draws the heat maps",
+        action="store_true",
+    ),
+    opt(
+        "--best-of-k",
+        "seal-best: candidate self-edits per document, each trained from the same state and "
+        "scored on probe questions (default 3)",
+        type=int,
+        default=3,
+    ),
+    opt(
+        "--trust",
+        "trust weights in [0, 1] per document source, scaling each document's update "
+        "(unlisted sources: 1.0)",
+        type=trust_weights,
+        default={},
+        metavar="SOURCE=W,...",
+    ),
+    opt(
+        "--source-tags",
+        "prefix training text with a tag per source, the service's tags "
+        "(UPTAKE_SOURCE_TAGS; IML, experimental)",
+        to=None,
+        action="store_true",
+    ),
+    opt("--device", "cpu or cuda (default: cuda when available)"),
+)
+CAMELS_OPTIONS = (
+    opt(
+        "--inner-optimizer",
+        "inner step: plain SGD (default), or the worker's clipped Adam with its moments "
+        "carried across documents",
+        choices=["sgd", "adam"],
+    ),
+    opt("--inner-lr", "inner learning rate", type=float),
+    opt("--outer-lr", "outer Adam lr", type=float),
+    opt("--episode-docs", "documents per episode", type=int),
+    opt("--reset-every", "documents between LoRA resets", type=int),
+    opt("--c-kl", "locality weight", type=float),
+    opt("--grad-accum", "episodes per outer step", type=int),
+    opt("--steps", "outer steps", type=int),
+    opt("--minutes", "finish within this many minutes (0: no limit, only --steps)", type=float),
+    opt("--val-every", "outer steps between validations", type=int),
+    opt("--val-episodes", "fixed validation episodes", type=int),
+    opt("--normalisation", "inner loss normalisation", choices=["tokens", "weights", "fixed"]),
+    opt("--lora-rank", "rank of the base's LoRA adapter", type=int),
+    opt("--hidden", "weighting model width", to=None, type=int),
+    opt("--layers", "weighting model layers", to=None, type=int),
+    opt(
+        "--tokenizer",
+        "the weighting model's own tokenizer directory (default: the base's)",
+        to=None,
+    ),
+    opt("--device", "cpu or cuda (default: cuda when available)", to=None),
+    opt("--seed", "seed for episodes and initialisation", type=int),
+)
+MAC_OPTIONS = (
+    opt("--epochs", "passes over the training documents", type=int),
+    opt("--batch-docs", "documents per step (the memory)", type=int),
+    opt("--lr", "Adam learning rate", type=float),
+    opt(
+        "--backprop-dropout",
+        "fraction of the batch's documents amortized with gradient",
+        type=float,
+    ),
+    opt("--tokens", "T: modulation length per document", to="num_tokens", type=int),
+    opt("--width", "encoder width", type=int),
+    opt("--layers", "encoder layers", type=int),
+    opt(
+        "--minutes",
+        "stop training after this long (a short F1 evaluation follows)",
+        to=None,
+        type=float,
+    ),
+    opt("--max-train-docs", "train on the first N documents only", type=int),
+    opt("--eval-questions", "validation questions answered at the end for F1 (0: skip)", type=int),
+    opt("--seed", "seed for batches and initialisation", type=int),
+    opt("--device", "cpu or cuda (default: cuda when present)", to=None),
+)
+
+
+def add_world(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("world", help="generate the knowledge world (deterministic per seed)")
     p.add_argument("--out", required=True, help="directory for the split JSONL files")
     p.add_argument(
@@ -37,8 +248,8 @@ def _add_world(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_world(args: argparse.Namespace) -> int:
-    from adaptation.conflicts import ConflictConfig, write_conflicts
-    from adaptation.world import WorldConfig, write_world
+    from adaptation.lab.conflicts import ConflictConfig, write_conflicts
+    from adaptation.lab.world import WorldConfig, write_world
 
     cfg = WorldConfig(seed=args.seed)
     if args.people:
@@ -51,19 +262,7 @@ def _run_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
-def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
+def add_bootstrap(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bootstrap",
         help="build the demo model (tokenizer + small Llama pretrained on the knowledge world) "
@@ -109,7 +308,7 @@ def _add_bootstrap(sub: argparse._SubParsersAction) -> None:
 def _run_bootstrap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from adaptation import bootstrap
+    from adaptation.lab import bootstrap
     from adaptation.paths import demo_mac_dir, demo_weighter_dir
 
     out = Path(args.out) if args.out else bootstrap.model_home(args.variant, args.quick)
@@ -139,7 +338,7 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="learn a dataset with each strategy and score uptake, retention and reading",
@@ -150,208 +349,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "answer in the answer's first sentence), on retention questions, and in context on "
         "--reading passages. Writes report.json, report.md and uptake.png to --out.",
     )
-    p.add_argument("--data", required=True, help="JSONL stream or SQuAD-style JSON")
-    p.add_argument(
-        "--protocol",
-        choices=["stream", "single"],
-        default="stream",
-        help="stream: one adapter (or store) reads the documents once, in order, and is asked "
-        "all their questions at the end; single (SEAL's): each document is learned alone from "
-        "a fresh adapter, asked its own questions, then the adapter is reset, and uptake is "
-        "the mean over documents (default: %(default)s)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=_at_least_one,
-        default=1,
-        help="passes over each document's training sequences (its text's chunks, plus its "
-        "self-edits for seal), in either protocol (default: %(default)s)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
-    )
-    p.add_argument(
-        "--strategies",
-        default="uniform,salient,tfidf,rag",
-        help="comma list of uniform,salient,tfidf,camels,seal,seal-best,rag,mac,mac+rag "
-        "(seal trains on the document plus its self-edits: supplied ones, or the template "
-        "paraphraser's for a world article; seal-best keeps the best of --best-of-k)",
-    )
-    p.add_argument(
-        "--out", required=True, help="directory for report.json, report.md and the plots"
-    )
-    p.add_argument(
-        "--retention",
-        default=None,
-        help="retention QA file: questions the base already answers, asked closed-book "
-        "before and after (default: retention_qa.jsonl beside --data, if any)",
-    )
-    p.add_argument(
-        "--reading",
-        default=None,
-        help="held-out passages with questions (JSONL or SQuAD-style JSON): each question is "
-        "asked with its own passage in context, before and after, to tell whether the model "
-        "still reads (default: none)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="use the first N documents")
-    p.add_argument("--seed", type=int, default=None, help="one seed (shortcut for --seeds)")
-    p.add_argument("--seeds", type=_ints, default=(0,), help="comma list of seeds, e.g. 0,1,2")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=1e-3,
-        help="LoRA learning rate, unless swept (default: %(default)s)",
-    )
-    p.add_argument(
-        "--steps-per-doc",
-        type=int,
-        default=1,
-        help="gradient steps on each document, unless swept (default: %(default)s)",
-    )
-    p.add_argument(
-        "--normalisation",
-        default="tokens",
-        choices=["tokens", "weights", "fixed"],
-        help="divide the weighted loss by the token count, the sum of weights, or a fixed "
-        "1,024 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lora-rank",
-        type=int,
-        default=16,
-        help="LoRA rank, as the service's UPTAKE_LORA_RANK (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lora-alpha",
-        type=int,
-        default=32,
-        help="LoRA alpha (the update is scaled by alpha / rank), as the service's "
-        "UPTAKE_LORA_ALPHA (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lora-targets",
-        type=_names,
-        default=None,
-        help="comma list of module names to adapt, e.g. gate_proj,up_proj,down_proj "
-        "(default: every attention and MLP projection present)",
-    )
-    p.add_argument(
-        "--full-finetune",
-        action="store_true",
-        help="train every weight of the base instead of a LoRA adapter (the baseline for "
-        "LoRA's uptake and retention; on the demo, rates of 5e-5 to 1e-4 suited it)",
-    )
-    p.add_argument(
-        "--sweep-lrs",
-        type=_floats,
-        default=(),
-        help="comma list of learning rates to sweep on --val; the best per strategy "
-        "(by uptake, subject to --retention-floor) is used",
-    )
-    p.add_argument(
-        "--sweep-steps",
-        type=_ints,
-        default=(),
-        help="comma list of steps per document to sweep with each rate (default: --steps-per-doc)",
-    )
-    p.add_argument("--val", default=None, help="validation stream for the sweep")
-    p.add_argument(
-        "--retention-floor",
-        type=float,
-        default=0.9,
-        help="the sweep keeps only settings whose retention is at least this (default: %(default)s)",
-    )
-    p.add_argument("--weighter", default=None, help="CaMeLS weighting model dir (for camels)")
-    p.add_argument("--mac", default=None, help="trained MAC dir (for mac, mac+rag)")
-    p.add_argument("--checkpoints", type=int, default=5, help="points on the uptake curve")
-    p.add_argument(
-        "--retention-matrix",
-        action="store_true",
-        help="after every document, score every earlier document's questions; draws the heat maps",
-    )
-    p.add_argument(
-        "--best-of-k",
-        type=int,
-        default=3,
-        help="seal-best: candidate self-edits per document, each trained from the same state and "
-        "scored on probe questions (default 3)",
-    )
-    p.add_argument(
-        "--trust",
-        type=_trust_weights,
-        default={},
-        metavar="SOURCE=W,...",
-        help="trust weights in [0, 1] per document source, scaling each document's update "
-        "(unlisted sources: 1.0)",
-    )
-    p.add_argument(
-        "--source-tags",
-        action="store_true",
-        help="prefix training text with a tag per source, the service's tags "
-        "(UPTAKE_SOURCE_TAGS; IML, experimental)",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_options(p, EVAL_OPTIONS)
     p.set_defaults(handler=_run_eval)
 
 
-def _trust_weights(text: str) -> dict[str, float]:
-    from adaptation.trust import SourceTrust
-
-    weights: dict[str, float] = {}
-    for item in _names(text):
-        source, sep, weight = item.rpartition("=")
-        if not sep or not source:
-            raise argparse.ArgumentTypeError(f"expected SOURCE=WEIGHT, got {item!r}")
-        try:
-            weights[source] = float(weight)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number") from err
-    try:
-        SourceTrust(weights)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-    return weights
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    from adaptation.evaluation import EvalConfig, report_markdown, run_eval
+    from adaptation.lab.evaluation import EvalConfig, report_markdown, run_eval
     from adaptation.learner import LearnSettings
     from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
 
     cfg = EvalConfig(
-        strategies=_names(args.strategies),
-        protocol=args.protocol,
-        lr=args.lr,
-        steps_per_doc=args.steps_per_doc,
-        normalisation=args.normalisation,
+        **config_values(args, EVAL_OPTIONS),
         lora=LoraSettings(
             rank=args.lora_rank,
             alpha=args.lora_alpha,
             target_modules=args.lora_targets or DEFAULT_TARGET_MODULES,
         ),
         learning=LearnSettings(tag_salt="" if args.source_tags else None, epochs=args.epochs),
-        full_finetune=args.full_finetune,
         seeds=(args.seed,) if args.seed is not None else args.seeds,
-        limit=args.limit,
-        checkpoints=args.checkpoints,
-        weighter_path=args.weighter,
-        mac_path=args.mac,
-        sweep_lrs=args.sweep_lrs,
-        sweep_steps=args.sweep_steps,
-        retention_floor=args.retention_floor,
-        device=args.device,
-        retention_matrix=args.retention_matrix,
-        best_of_k=args.best_of_k,
-        trust=args.trust,
     )
     model = args.model or DEFAULT_BASE
     report = run_eval(
@@ -367,7 +382,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_meta_train(sub: argparse._SubParsersAction) -> None:
+def add_meta_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "meta-train",
         help="meta-train a method's learned part (camels: the token-weighting model)",
@@ -396,74 +411,21 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "uptake bootstrap uses --inner-optimizer adam --inner-lr 2e-3 --normalisation weights "
         "--steps 563 --minutes 0. The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
-        "adaptation.camels_training.MetaTrainConfig; the run prints and records the settings.",
+        "adaptation.lab.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
     _meta_train_data_flags(
         p, "directory for the weighting model", "a tiny smoke run (seconds, for tests)"
     )
-    p.add_argument(
-        "--inner-optimizer",
-        default=None,
-        choices=["sgd", "adam"],
-        help="inner step: plain SGD (default), or the worker's clipped Adam with its moments "
-        "carried across documents",
-    )
-    p.add_argument("--inner-lr", type=float, default=None, help="inner learning rate")
-    p.add_argument("--outer-lr", type=float, default=None, help="outer Adam lr")
-    p.add_argument("--episode-docs", type=int, default=None, help="documents per episode")
-    p.add_argument("--reset-every", type=int, default=None, help="documents between LoRA resets")
-    p.add_argument("--c-kl", type=float, default=None, help="locality weight")
-    p.add_argument("--grad-accum", type=int, default=None, help="episodes per outer step")
-    p.add_argument("--steps", type=int, default=None, help="outer steps")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="finish within this many minutes (0: no limit, only --steps)",
-    )
-    p.add_argument("--val-every", type=int, default=None, help="outer steps between validations")
-    p.add_argument("--val-episodes", type=int, default=None, help="fixed validation episodes")
-    p.add_argument(
-        "--normalisation",
-        default=None,
-        choices=["tokens", "weights", "fixed"],
-        help="inner loss normalisation",
-    )
-    p.add_argument("--lora-rank", type=int, default=None, help="rank of the base's LoRA adapter")
-    p.add_argument("--hidden", type=int, default=None, help="weighting model width")
-    p.add_argument("--layers", type=int, default=None, help="weighting model layers")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="the weighting model's own tokenizer directory (default: the base's)",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=None, help="seed for episodes and initialisation")
+    add_options(p, CAMELS_OPTIONS)
     p.set_defaults(handler=_run_meta_train_camels)
 
 
 def _meta_train_camels_config(args: argparse.Namespace) -> MetaTrainConfig:
     import dataclasses
 
-    from adaptation.camels_training import MetaTrainConfig
+    from adaptation.lab.camels_training import MetaTrainConfig
 
-    options = {
-        "inner_optimizer": args.inner_optimizer,
-        "inner_lr": args.inner_lr,
-        "outer_lr": args.outer_lr,
-        "episode_docs": args.episode_docs,
-        "reset_every": args.reset_every,
-        "c_kl": args.c_kl,
-        "grad_accum": args.grad_accum,
-        "steps": args.steps,
-        "minutes": args.minutes,
-        "val_every": args.val_every,
-        "val_episodes": args.val_episodes,
-        "normalisation": args.normalisation,
-        "lora_rank": args.lora_rank,
-        "seed": args.seed,
-    }
-    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides = config_values(args, CAMELS_OPTIONS, given_only=True)
     config = MetaTrainConfig.quick(**overrides) if args.quick else MetaTrainConfig(**overrides)
     spec = {
         k: v for k, v in {"hidden": args.hidden, "layers": args.layers}.items() if v is not None
@@ -477,7 +439,7 @@ def _run_meta_train_camels(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from adaptation.camels_training import meta_train
+    from adaptation.lab.camels_training import meta_train
 
     try:
         config = _meta_train_camels_config(args)
@@ -514,38 +476,10 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
         "all their questions, each reading a prefix aggregated over the whole batch. The best "
         "checkpoint by validation loss is written to --out as a MAC directory, with "
         "training.json. Unset options take the defaults of "
-        "adaptation.mac.training.MacTrainConfig (or its QUICK settings with --quick).",
+        "adaptation.lab.mac_training.MacTrainConfig (or its QUICK settings with --quick).",
     )
     _meta_train_data_flags(p, "directory for the MAC system", "a tiny smoke run (under 2 minutes)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training documents")
-    p.add_argument("--batch-docs", type=int, default=None, help="documents per step (the memory)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    p.add_argument(
-        "--backprop-dropout",
-        type=float,
-        default=None,
-        help="fraction of the batch's documents amortized with gradient",
-    )
-    p.add_argument("--tokens", type=int, default=None, help="T: modulation length per document")
-    p.add_argument("--width", type=int, default=None, help="encoder width")
-    p.add_argument("--layers", type=int, default=None, help="encoder layers")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="stop training after this long (a short F1 evaluation follows)",
-    )
-    p.add_argument(
-        "--max-train-docs", type=int, default=None, help="train on the first N documents only"
-    )
-    p.add_argument(
-        "--eval-questions",
-        type=int,
-        default=None,
-        help="validation questions answered at the end for F1 (0: skip)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for batches and initialisation")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_options(p, MAC_OPTIONS)
     p.set_defaults(handler=_run_meta_train_mac)
 
 
@@ -554,22 +488,11 @@ def _run_meta_train_mac(args: argparse.Namespace) -> int:
     import json
 
     from adaptation.data import read_documents
-    from adaptation.mac.training import QUICK, MacTrainConfig, train_mac
+    from adaptation.lab.mac_training import QUICK, MacTrainConfig, train_mac
 
-    options = {
-        "epochs": args.epochs,
-        "batch_docs": args.batch_docs,
-        "lr": args.lr,
-        "backprop_dropout": args.backprop_dropout,
-        "num_tokens": args.tokens,
-        "width": args.width,
-        "layers": args.layers,
-        "max_train_docs": args.max_train_docs,
-        "eval_questions": args.eval_questions,
-        "seed": args.seed,
-        "time_limit_s": None if args.minutes is None else args.minutes * 60.0,
-    }
-    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides = config_values(args, MAC_OPTIONS, given_only=True)
+    if args.minutes is not None:
+        overrides["time_limit_s"] = args.minutes * 60.0
     try:
         config = dataclasses.replace(QUICK if args.quick else MacTrainConfig(), **overrides)
         print(json.dumps(dataclasses.asdict(config)))
@@ -585,7 +508,7 @@ def _run_meta_train_mac(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_weights(sub: argparse._SubParsersAction) -> None:
+def add_weights(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "weights",
         help="show a weighting model's per-token weights on some text",
@@ -620,8 +543,8 @@ def _run_weights(args: argparse.Namespace) -> int:
         return _run_weight_breakdown(args)
     from pathlib import Path
 
+    from adaptation.lab.weight_display import ansi_rendering, heat_strip_png, summary, weight_table
     from adaptation.weighting.camels import CamelsWeighter
-    from adaptation.weighting.display import ansi_rendering, heat_strip_png, summary, weight_table
 
     if args.text is None:
         print("uptake weights: give the text to weigh, or --breakdown STREAM", file=sys.stderr)
@@ -647,8 +570,8 @@ def _run_weights(args: argparse.Namespace) -> int:
 
 def _run_weight_breakdown(args: argparse.Namespace) -> int:
     from adaptation.data import read_documents
+    from adaptation.lab.weight_breakdown import breakdown_table, weight_breakdown
     from adaptation.weighting import make_weighter
-    from adaptation.weighting.breakdown import breakdown_table, weight_breakdown
 
     try:
         docs = read_documents(args.breakdown)
@@ -657,7 +580,7 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
             name: make_weighter(name, corpus=corpus)
             if name in ("uniform", "salient", "tfidf")
             else make_weighter("camels", path=os.path.expanduser(name))
-            for name in _names(args.weighter)
+            for name in names(args.weighter)
         }
     except (FileNotFoundError, ValueError) as exc:
         print(f"uptake weights: {exc}", file=sys.stderr)
@@ -668,246 +591,7 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_settings(args: argparse.Namespace) -> Settings:
-    """Settings from UPTAKE_* variables, with the flags given on the command line on top; a bad
-    value ends the command with one line naming the flag or variable, not a traceback."""
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-
-    flags = {k: getattr(args, k, None) for k in ("model", "host", "port", "strategy")}
-    given = {k: v for k, v in flags.items() if v is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as exc:
-
-        def source(field: str) -> str:
-            return f"--{field}" if field in given else f"UPTAKE_{field.upper()}"
-
-        problems = "; ".join(
-            f"{source('_'.join(map(str, e['loc'])))}: {e['msg']}" for e in exc.errors()
-        )
-        print(f"uptake {args.command}: {problems}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _checked_settings(args: argparse.Namespace) -> Settings | None:
-    """The service settings, or None (with the reason printed) when the mode cannot run: before
-    any model loads or child process starts."""
-    from service.settings import ConfigError
-
-    settings = _service_settings(args)
-    try:
-        settings.check()
-    except ConfigError as exc:
-        print(f"uptake {args.command}: {exc}", file=sys.stderr)
-        return None
-    return settings
-
-
-def _service_logging() -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def _service_flags(p: argparse.ArgumentParser, http: bool) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base model: a packaged base's short name (default smollm2-135m-instruct; or "
-        "gemma3-270m), a local Hugging Face directory or a hub id (UPTAKE_MODEL)",
-    )
-    if http:
-        p.add_argument("--host", default=None, help="address to bind (UPTAKE_HOST)")
-        p.add_argument("--port", type=int, default=None, help="port to bind (UPTAKE_PORT)")
-
-
-def _add_fit_tfidf(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "fit-tfidf",
-        help="fit the tfidf weighting's word statistics, for UPTAKE_STRATEGY=tfidf",
-        description="Counts in how many of the given documents each word appears and saves the "
-        "idf table as JSON: set UPTAKE_WEIGHTER to it. Fit it on text like what the service "
-        "will be sent; words it never saw count as the rarest, so new names weigh most.",
-    )
-    p.add_argument(
-        "data", nargs="+", help="documents: JSONL, a JSON list or SQuAD-style JSON (several files)"
-    )
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument(
-        "--quantile",
-        type=float,
-        default=None,
-        help="zero each document's words below this quantile of its tf-idf (default: keep all)",
-    )
-    p.set_defaults(handler=_run_fit_tfidf)
-
-
-def _run_fit_tfidf(args: argparse.Namespace) -> int:
-    from adaptation.data import read_documents
-    from adaptation.weighting.tfidf import TfidfWeighter
-
-    try:
-        texts = [doc.text for path in args.data for doc in read_documents(path)]
-        weighter = TfidfWeighter(args.quantile).fit(texts)
-    except (OSError, ValueError) as exc:
-        print(f"uptake fit-tfidf: {exc}", file=sys.stderr)
-        return 2
-    path = weighter.save(args.out)
-    print(f"tf-idf of {len(weighter.idf)} words over {weighter.n_docs} documents: {path}")
-    return 0
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the HTTP API and the serving engine")
-    _service_flags(p, http=True)
-    p.set_defaults(handler=_run_serve)
-
-
-def _run_process(args: argparse.Namespace, main: Callable[[Settings], object]) -> int:
-    """The shared life of a service process: settings, logging, threads, and the embedded Redis
-    closed on the way out."""
-    from service.redis_conn import close_embedded
-
-    _service_logging()
-    settings = _checked_settings(args)
-    if settings is None:
-        return 2
-    settings.apply_torch_threads()
-    try:
-        main(settings)
-    finally:
-        close_embedded()
-    return 0
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.api import create_app
-
-    return _run_process(args, lambda s: uvicorn.run(create_app(s), host=s.host, port=s.port))
-
-
-def _add_worker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="run the worker that folds queued documents into adapters")
-    _service_flags(p, http=False)
-    p.set_defaults(handler=_run_worker)
-
-
-def _run_worker(args: argparse.Namespace) -> int:
-    from service.worker import Worker
-
-    return _run_process(args, lambda s: Worker(s).run_forever())
-
-
-def _add_up(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "up",
-        help="run everything on this machine: embedded Redis, worker and API",
-        description="Starts an embedded Redis (unless UPTAKE_REDIS_URL is set), the worker and "
-        "the API, on the base UPTAKE_MODEL names (default: the packaged SmolLM2-135M-Instruct, "
-        "converted once on first start). Builds nothing else. Ctrl-C stops everything.",
-    )
-    _service_flags(p, http=True)
-    p.set_defaults(handler=_run_up)
-
-
-def _run_up(args: argparse.Namespace) -> int:
-    from service.supervisor import run_up
-
-    _service_logging()
-    settings = _checked_settings(args)
-    return 2 if settings is None else run_up(settings)
-
-
-def _add_keys(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "keys",
-        help="create, list and revoke API keys",
-        description="API keys live, hashed, in the service's Redis: UPTAKE_REDIS_URL, else the "
-        "embedded server under UPTAKE_STORE_DIR (the one `uptake up` uses). See docs/security.md.",
-    )
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = actions.add_parser(
-        "create", help="create a key; its token is printed once, as the last line"
-    )
-    create.add_argument(
-        "--namespace", required=True, help="the namespace the key is for, or '*' for every one"
-    )
-    create.add_argument(
-        "--scope",
-        action="append",
-        required=True,
-        help="read (answers), write (ingest) or admin; repeat for several",
-    )
-    create.add_argument(
-        "--rate-limit",
-        type=int,
-        default=None,
-        help="requests per minute for this key (default UPTAKE_RATE_LIMIT_PER_MINUTE; 0: none)",
-    )
-    actions.add_parser("list", help="list the keys (never their tokens)")
-    revoke = actions.add_parser("revoke", help="revoke a key: its token stops working at once")
-    revoke.add_argument("id", help="the key's id, as `uptake keys list` shows it")
-    p.set_defaults(handler=_run_keys)
-
-
-def _run_keys(args: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
-
-    import redis
-
-    from service.auth import KeyStore
-    from service.keys import Keys
-    from service.redis_conn import close_embedded, connect
-
-    settings = _service_settings(args)
-    client = connect(settings)
-    store = KeyStore(client, Keys(settings.redis_prefix))
-    try:
-        if args.action == "create":
-            key, token = store.create(args.namespace, tuple(args.scope), args.rate_limit)
-            limit = settings.rate_limit_per_minute if key.rate_limit is None else key.rate_limit
-            rate = f"{limit} requests per minute" if limit else "no rate limit"
-            print(
-                f"created API key {key.id} for namespace {key.namespace!r}, scopes "
-                f"{', '.join(key.scopes)}, {rate}. Keep the token below secret; it is not "
-                "shown again:"
-            )
-            print(token)
-        elif args.action == "list":
-            for key in store.list_keys():
-                created = datetime.fromtimestamp(key.created, timezone.utc).isoformat(
-                    timespec="seconds"
-                )
-                limit = "default" if key.rate_limit is None else str(key.rate_limit)
-                print(
-                    f"{key.id}  namespace={key.namespace}  scopes={','.join(key.scopes)}  "
-                    f"rate_limit={limit}  created={created}"
-                )
-        elif not store.revoke(args.id):
-            print(
-                f"uptake keys revoke: no API key with id {args.id!r}; see `uptake keys list`",
-                file=sys.stderr,
-            )
-            return 2
-        else:
-            print(f"revoked API key {args.id}")
-    except ValueError as exc:
-        print(f"uptake keys {args.action}: {exc}", file=sys.stderr)
-        return 2
-    except redis.RedisError as exc:
-        print(f"uptake keys: Redis is unreachable ({exc}); check UPTAKE_REDIS_URL", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
-        close_embedded()
-    return 0
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="measure the service against bare loops (writes bench.json, bench.md, bench.png)",
@@ -948,7 +632,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sizes",
-        type=_ints,
+        type=ints,
         default=None,
         help="--mac-scaling: comma list of memory sizes in entries (default 10,100,1000,5000)",
     )
@@ -1002,7 +686,7 @@ def _run_mac_scaling(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from adaptation.mac.scaling import ScalingConfig, run_scaling_study
+    from adaptation.lab.mac_scaling import ScalingConfig, run_scaling_study
     from adaptation.paths import demo_world_dir
 
     def fail(why: str) -> int:
@@ -1034,7 +718,7 @@ def _run_mac_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_squad_split(sub: argparse._SubParsersAction) -> None:
+def add_squad_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "squad-split",
         help="split SQuAD dev by title into retention and reading sets for a real base",
@@ -1074,7 +758,7 @@ def _add_squad_split(sub: argparse._SubParsersAction) -> None:
 def _run_squad_split(args: argparse.Namespace) -> int:
     import json
 
-    from adaptation.squad_split import build_split
+    from adaptation.lab.squad_split import build_split
 
     record = build_split(
         args.squad,
@@ -1090,7 +774,7 @@ def _run_squad_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_trust(sub: argparse._SubParsersAction) -> None:
+def add_trust(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "trust",
         help="measure source trust on conflicting facts, and learned trust from source tags",
@@ -1109,7 +793,7 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"base model: a packaged short name, a local HF directory or a hub id (default: {DEFAULT_BASE})",
     )
-    p.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
+    p.add_argument("--seeds", type=ints, default=None, help="comma list (default 0,1,2)")
     p.add_argument("--people", type=int, default=None, help="people per seed, experiment 1 (100)")
     p.add_argument("--trusted", type=float, default=None, help="reliable source's trust (1.0)")
     p.add_argument("--distrusted", type=float, default=None, help="unreliable source's (0.2)")
@@ -1123,8 +807,8 @@ def _add_trust(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_trust(args: argparse.Namespace) -> int:
+    from adaptation.lab.trust_eval import TrustConfig, run_trust, trust_markdown
     from adaptation.trust import check_weight
-    from adaptation.trust_eval import TrustConfig, run_trust, trust_markdown
 
     fields = ("seeds", "people", "trusted", "distrusted", "lr", "steps_per_doc", "iml_people")
     fields += ("iml_new_people", "iml_epochs", "device")
@@ -1142,7 +826,7 @@ def _run_trust(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_forget_check(sub: argparse._SubParsersAction) -> None:
+def add_forget_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "forget-check",
         help="measure forgetting: a forgotten document's F1 and the others' answers",
@@ -1182,11 +866,17 @@ def _add_forget_check(sub: argparse._SubParsersAction) -> None:
 
 def _run_forget_check(args: argparse.Namespace) -> int:
     import shlex
+    import tempfile
     from pathlib import Path
 
+    from adaptation.lab.forget_check import (
+        ForgetConfig,
+        forget_table,
+        run_forget_check,
+        write_figures,
+    )
     from adaptation.paths import demo_world_dir
-    from service.forget_check import ForgetConfig, forget_table, run_forget_check, write_figures
-    from service.redis_conn import close_embedded
+    from service.redis_conn import close_embedded, redis_url
 
     model = args.model or DEFAULT_BASE
     data = Path(args.data) if args.data else demo_world_dir() / "eval_stream.jsonl"
@@ -1196,60 +886,23 @@ def _run_forget_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    settings = _checked_settings(args)
+    settings = checked_settings(args)
     if settings is None:
         return 2
     cfg = ForgetConfig(docs=args.docs, lr=args.lr, steps_per_doc=args.steps)
     flags = ["--model", model, "--data", str(data), "--docs", str(cfg.docs), "--lr", f"{cfg.lr:g}"]
     flags += ["--steps", str(cfg.steps_per_doc), "--strategy", settings.strategy]
     flags += ["--json", args.json] if args.json else []
-    try:
-        figures = run_forget_check(
-            model, data, cfg, settings, command=shlex.join(["uptake", "forget-check", *flags])
-        )
-    finally:
-        close_embedded()
+    command = shlex.join(["uptake", "forget-check", *flags])
+    # Without UPTAKE_REDIS_URL, an embedded Redis of the run's own, in a directory it deletes.
+    with tempfile.TemporaryDirectory(prefix="uptake-forget-redis-") as tmp:
+        try:
+            url = redis_url(settings.model_copy(update={"store_dir": Path(tmp)}))
+            env = settings.model_copy(update={"redis_url": url}).child_env()
+            figures = run_forget_check(model, data, cfg, env, command=command)
+        finally:
+            close_embedded()
     print(forget_table(figures))
     if args.json:
         write_figures(figures, Path(args.json))
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="uptake",
-        description="Keep a language model's knowledge current: documents in, answers out.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (
-        _add_world,
-        _add_bootstrap,
-        _add_eval,
-        _add_meta_train,
-        _add_weights,
-        _add_fit_tfidf,
-        _add_serve,
-        _add_worker,
-        _add_up,
-        _add_keys,
-        _add_bench,
-        _add_forget_check,
-        _add_trust,
-        _add_squad_split,
-    ):
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
-    try:
-        return int(handler(args) or 0)
-    except BaseMissing as exc:  # a lab command on the default base without its package
-        print(f"uptake: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,12 +27,12 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
-from adaptation.best_of_k import BestOfK, best_of_k, correlation, generate_probes
 from adaptation.data import QA, Document, all_questions, read_documents
+from adaptation.lab.best_of_k import BestOfK, best_of_k, correlation, generate_probes
+from adaptation.lab.retrieval import Retriever, as_context
 from adaptation.learner import IngestResult, Learner, LearnSettings, fresh_adapter
 from adaptation.metrics import score
 from adaptation.modeling import LoraSettings, load_base
-from adaptation.retrieval import Retriever, as_context
 from adaptation.trust import SourceTrust
 from adaptation.updater import UpdateConfig, UpdaterSnapshot
 from adaptation.weighting import Weighter, make_weighter
@@ -161,7 +161,7 @@ class SealMethod(LoraMethod):
 
     With `best_of_k` > 1 (the `seal-best` strategy), each self-edit is a candidate: the document
     is learned with each one from the same state, scored on probe questions, and the best kept
-    (`adaptation.best_of_k`). Each candidate is also scored on the document's gold questions, so
+    (`adaptation.lab.best_of_k`). Each candidate is also scored on the document's gold questions, so
     the report can say how well probes stand in.
     """
 
@@ -175,7 +175,7 @@ class SealMethod(LoraMethod):
 
     def generations(self, doc: Document, k: int) -> tuple[str, ...]:
         """The document's supplied self-edits, or k from the paraphraser for a world article."""
-        from adaptation.paraphrase import paraphrase
+        from adaptation.lab.paraphrase import paraphrase
 
         if doc.self_edits:
             return doc.self_edits
@@ -205,7 +205,7 @@ class SealMethod(LoraMethod):
         """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
         in other phrasings than the gold questions where the templates allow; otherwise the
         model's own self-QA."""
-        from adaptation.paraphrase import paraphrase
+        from adaptation.lab.paraphrase import paraphrase
         from adaptation.self_edit import parse_qa_pairs
 
         if doc.meta.get("entity"):

@@ -23,6 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 
 from adaptation.answering import generate_answers
 from adaptation.data import QA, Document, all_questions, read_documents
+from adaptation.lab.tokenizer import train_bpe_tokenizer
+from adaptation.lab.world import WorldConfig, newcomers, write_world
 from adaptation.metrics import score
 from adaptation.modeling import default_device
 from adaptation.paths import (
@@ -33,8 +35,6 @@ from adaptation.paths import (
     demo_world_dir,
 )
 from adaptation.prompts import IGNORE, answer_batch, qa_tokens
-from adaptation.tokenizer import train_bpe_tokenizer
-from adaptation.world import WorldConfig, newcomers, write_world
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,8 @@ class DemoSpec:
 SHORT_SEQ = 64
 PASS_COST_TOKENS = 128
 
-# Half the demo's questions are asked in context: closed-book extraction 0.46 to 0.53 over three
-# builds against 0.38 to 0.45 at 30%, and CaMeLS gains 2.05 to 2.41x uniform on it (1.70x at 30%);
-# 70% was no better (0.52). The variant and the reader were measured at 30% and stay there
+# The demo asks half its questions in context, the share that taught it most closed-book
+# extraction; the variant and the reader keep the share they were built and evaluated with
 # (docs/results/demo-spec.md).
 SPECS: dict[str, DemoSpec] = {
     "demo": DemoSpec(context_share=0.5),
@@ -405,13 +404,10 @@ def ensure_demo_model() -> Path:
 
 
 # The demo weighting model's meta-training: through the worker's own update (clipped AdamW at the
-# swept uniform rate, moments carried), inner loss normalised by the sum of weights. Against plain
-# SGD (15 minutes) it weighted facts 1.65x the mean and gained 1.44x uniform's uptake at 0.047
-# lower retention; against Adam, in 563 steps (20 to 30 minutes on 2 idle cores), 9.3x and 1.70x
-# at 0.033 higher retention, better than at 272 steps on each (docs/results/eval-camels-adam.md).
-# On the current demo (half its questions asked in context): 7.6x and 2.05x, retention 0.973 against
-# uniform's 0.677 (docs/results/demo-spec.md).
-# A step budget, not a time one, so that every machine builds that same weighting model.
+# swept uniform rate, moments carried), inner loss normalised by the sum of weights, so that the
+# weights it learns are those the worker's own steps profit from (docs/results/eval-camels-adam.md
+# and demo-spec.md compare it with plain SGD). A step budget, not a time one, so that every
+# machine builds that same weighting model.
 DEMO_CAMELS = {
     "normalisation": "weights",
     "inner_optimizer": "adam",
@@ -423,7 +419,7 @@ DEMO_CAMELS = {
 
 def build_demo_weighter(model_dir: Path, quick: bool = False) -> Path:
     """Meta-train the demo CaMeLS weighting model for `model_dir` on its world's streams."""
-    from adaptation.camels_training import MetaTrainConfig, meta_train
+    from adaptation.lab.camels_training import MetaTrainConfig, meta_train
 
     config = MetaTrainConfig.quick() if quick else MetaTrainConfig(**DEMO_CAMELS)  # type: ignore[arg-type]
     world = _world_of(model_dir)
@@ -436,7 +432,7 @@ def build_demo_weighter(model_dir: Path, quick: bool = False) -> Path:
 
 def build_demo_mac(model_dir: Path, quick: bool = False) -> Path:
     """Train the demo MAC networks for `model_dir` on its world's streams."""
-    from adaptation.mac.training import QUICK, MacTrainConfig, train_mac
+    from adaptation.lab.mac_training import QUICK, MacTrainConfig, train_mac
 
     # MacTrainConfig's step budget and no time limit, so that a slower machine builds the same
     # networks (the best by validation, early: they overfit the meta-train stream soon after).

@@ -1,0 +1,86 @@
+"""Options declared once: one `Option` both adds its flag to a parser and says which config
+field the parsed value fills, so a command's handler never copies flags into a config by hand.
+Also the value types the lab's flags share (comma lists, trust weights)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+SAME = "same"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A flag, its help, its argparse keywords, and the config field it fills (None: the
+    handler reads it itself)."""
+
+    flag: str
+    help: str
+    field: str | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return str(self.kwargs.get("dest") or self.flag.lstrip("-").replace("-", "_"))
+
+
+def opt(flag: str, help: str, to: str | None = SAME, **kwargs: Any) -> Option:
+    """An option whose value fills the config field of the same name, unless `to` names
+    another field or is None."""
+    option = Option(flag, help, None, kwargs)
+    return Option(flag, help, option.dest if to == SAME else to, kwargs)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    for option in options:
+        parser.add_argument(option.flag, help=option.help, **option.kwargs)
+
+
+def config_values(
+    args: argparse.Namespace, options: Iterable[Option], given_only: bool = False
+) -> dict[str, Any]:
+    """Each option's parsed value under its config field; with `given_only`, only the options
+    set on the command line (their default None), so the config's own defaults hold."""
+    values = {o.field: getattr(args, o.dest) for o in options if o.field is not None}
+    return {k: v for k, v in values.items() if v is not None} if given_only else values
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def trust_weights(text: str) -> dict[str, float]:
+    from adaptation.trust import SourceTrust
+
+    weights: dict[str, float] = {}
+    for item in names(text):
+        source, sep, weight = item.rpartition("=")
+        if not sep or not source:
+            raise argparse.ArgumentTypeError(f"expected SOURCE=WEIGHT, got {item!r}")
+        try:
+            weights[source] = float(weight)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number") from err
+    try:
+        SourceTrust(weights)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return weights
