@@ -20,9 +20,9 @@ from adaptation.prompts import self_edit_request
 from adaptation.self_edit import parse_self_edits
 from adaptation.trust import source_tag
 from service.auth import KeyStore
+from service.backends.lora import LoraModels
 from service.keys import Keys
 from service.redis_conn import client
-from service.worker import LoraModels
 from tests.conftest import RecordingWeighter
 from tests.servicekit import (
     Stack,
