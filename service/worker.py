@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
+    """The loop over the namespaces this worker holds the leases of; it is also the `Owner` its
+    admin operations (`Replay`) act through."""
+
     def __init__(
         self,
         settings: Settings,
@@ -420,7 +423,7 @@ class Worker:
         self.stats.solved(st.name)
         return manifest
 
-    # What the admin operations (service/replay.py) call.
+    # The `Owner` the admin operations (service/replay.py) act through.
 
     def ready(self, st: NamespaceState) -> bool:
         self._snapshot(st)  # what is applied already goes first, through the guard
