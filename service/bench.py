@@ -29,10 +29,11 @@ from adaptation.lab.live import live_service
 from adaptation.lab.world import World, WorldConfig
 from adaptation.learner import Learner, fresh_adapter
 from adaptation.modeling import load_base
+from service.backends.lora import LORA_SEED, build_weighter, learn_settings
 from service.documents import DocumentStore
 from service.redis_conn import redis_url
 from service.settings import Settings
-from service.worker import LORA_SEED, Worker, build_weighter, learn_settings
+from service.worker import Worker
 
 NAMESPACE = "bench"
 WARMUP_DOCS = 2

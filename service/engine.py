@@ -3,8 +3,9 @@
 A background thread polls Redis for published versions. A new version is checked against its
 checksum, loaded under a fresh adapter name and switched to while holding the same lock that
 generation holds, then the old adapter is deleted. So an answer never sees a half-loaded adapter,
-and every answer reports the version it came from. Mode mac's engine (service/mac_mode.py) reuses
-the polling, checks and batching, and swaps memory banks instead of adapters.
+and every answer reports the version it came from. Mode mac's engine (`MacServingEngine`) reuses
+the polling, checks and batching, and swaps memory banks (service/backends/mac.py) instead of
+adapters.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.answering import generate_answers, generate_batched
+from adaptation.mac.system import MacSystem
 from adaptation.modeling import RNG_LOCK, context_window, load_base
-from adaptation.prompts import Message, chat_prompt, clean_answer, qa_prompt
+from adaptation.prompts import Message, chat_prompt, clean_answer, last_question, qa_prompt
 from service.adapters import AdapterStore, published_versions
+from service.backends.mac import MacModels
 from service.batching import AnswerBatcher
 from service.keys import Keys
 from service.settings import Settings
@@ -256,6 +260,72 @@ class ServingEngine:
                 self._peft.eval()
 
 
+class MacServingEngine(ServingEngine):
+    """The serving engine of mode mac: each namespace answers from its published bank, with no
+    adapter. A micro-batch is answered with one generate call per namespace in it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mac: MacModels | None = None
+        self._empty: MacSystem | None = None  # namespaces with nothing published: the bare base
+        self._banks: dict[str, tuple[int, MacSystem]] = {}  # namespace -> (version, system)
+
+    @property
+    def ready(self) -> bool:
+        return self._mac is not None
+
+    def load(self) -> None:
+        directory = self.settings.mac_networks()
+        super().load()
+        assert self._base is not None and self._tokenizer is not None
+        mac = MacModels(self._base, self._tokenizer, directory)
+        self._empty = mac.system(None)
+        self._mac = mac
+
+    def version(self, namespace: str) -> int:
+        return self._banks.get(namespace, (0, None))[0]
+
+    def versions(self) -> dict[str, int]:
+        return {ns: version for ns, (version, _) in self._banks.items()}
+
+    def _install(self, namespace: str, version: int, path: Path | None) -> None:
+        assert self._mac is not None
+        system = self._mac.system(path)  # read the bank before taking the lock answers hold
+        with self._lock:
+            self._banks[namespace] = (version, system)
+
+    def _served(self, namespace: str) -> tuple[int, MacSystem]:
+        assert self._empty is not None
+        return self._banks.get(namespace) or (0, self._empty)
+
+    def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
+        if self.on_batch is not None:
+            self.on_batch(len(asks))
+        rows: dict[str, list[int]] = {}
+        for i, (namespace, _) in enumerate(asks):
+            rows.setdefault(namespace, []).append(i)
+        out: list[tuple[str, int]] = [("", 0)] * len(asks)
+        with self._lock:
+            for namespace, indices in rows.items():
+                version, system = self._served(namespace)
+                questions = [asks[i][1] for i in indices]
+                texts = system.answer(questions, max_new_tokens=budget, batch_size=len(questions))
+                for i, text in zip(indices, texts, strict=True):
+                    out[i] = (text, version)
+        return out
+
+    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        """The bank is read with a question: the last user message is asked."""
+        return self.answer(last_question(messages), namespace, max_new_tokens)
+
+    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
+        budget = self._fit_context(prompt, max_new_tokens, "prompt")
+        with self._lock:
+            version, system = self._served(namespace)
+            (text,) = system.complete([prompt], budget)
+        return text, version
+
+
 def open_engine(
     settings: Settings,
     client: redis.Redis,
@@ -265,9 +335,5 @@ def open_engine(
     on_batch: Callable[[int], None] | None = None,
 ) -> ServingEngine:
     """The serving engine for the service's mode."""
-    engine = ServingEngine
-    if settings.mode == "mac":
-        from service.mac_mode import MacServingEngine  # it builds on this module
-
-        engine = MacServingEngine
+    engine = MacServingEngine if settings.mode == "mac" else ServingEngine
     return engine(settings, client, keys, store, on_switch=on_switch, on_batch=on_batch)

@@ -12,11 +12,10 @@ What it guarantees (docs/architecture.md, "Service"):
   version whose F1 falls by more than epsilon is held back with its documents flagged;
 - admin operations queued by the API (configure, rollback, forget) run between documents.
 
-How a document is learned is a backend's business (`Backend`, the learning core's `Knowledge`
-plus snapshots); the `lora` and `seal` modes ship here as a thin wrapper over the learning
-core's `Learner`, which `uptake eval` learns through too (each namespace trains its own LoRA
-adapter on one shared base model; seal also has the base write self-edits for documents sent
-without any), the `mac` mode in service/mac_mode.py.
+This module keeps the loop; it calls small parts for the rest: how a document is learned is a
+backend's business (service/backends), leases are service/leases.py, the startup check
+service/quarantine.py, retries and dead letters service/retries.py, the update guard
+service/guard.py, and the admin operations with their replay service/replay.py.
 """
 
 from __future__ import annotations
@@ -25,214 +24,39 @@ import logging
 import signal
 import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import redis
-import torch
-from peft import PeftModel
 
-from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.data import Document
-from adaptation.learner import (
-    IngestResult,
-    Knowledge,
-    Learner,
-    LearnSettings,
-    SelfEditWriting,
-    fresh_adapter,
-)
-from adaptation.metrics import score
-from adaptation.modeling import RNG_LOCK, load_base, save_adapter
+from adaptation.learner import IngestResult
 from adaptation.weighting.base import Weighter
 from service.adapters import AdapterStore, Manifest, publish_version
+from service.backends import Backend, BackendFactory, open_backends
+from service.backends.lora import build_weighter
 from service.documents import SETTLED, DocumentRecord, DocumentStore
+from service.guard import UpdateGuard
 from service.keys import Keys
+from service.leases import Leases
 from service.metrics import WorkerStats
-from service.namespaces import NamespaceStore, Refused, check_rollback, default_probes
+from service.namespace_state import NamespaceState
+from service.namespaces import NamespaceStore
+from service.quarantine import Quarantine
 from service.queue import Entry, Queue
 from service.redis_conn import connect
-from service.schemas import NamespaceConfig, Operation
+from service.replay import Replay
+from service.retries import Retries
+from service.schemas import NamespaceConfig
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_FILE = "optimizer.pt"
-# A fresh adapter always starts from this seed, so a replay from version 0 (forgetting a
-# lineage's first document) starts where the lineage did.
-LORA_SEED = 0
-
-# Renew (or re-take) a lease only while we still hold it.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-class Backend(Knowledge, Protocol):
-    """A mode in the worker: `Knowledge` (the learning core's interface, which the eval's
-    strategies answer to as well) that also writes its state into a snapshot directory and
-    lets go of it. The worker owns queueing, snapshots, exactly-once and the update guard; a
-    backend only learns, answers the guard's probe questions, and writes its state."""
-
-    def write_state(self, directory: Path) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class BackendFactory(Protocol):
-    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> Backend:
-        """The namespace's backend under its own `settings`, restored from `snapshot` (None:
-        start fresh)."""
-        ...
-
-
-def learn_settings(settings: Settings) -> LearnSettings:
-    """How a namespace learns a document; mode seal also writes self-edits for documents sent
-    without any."""
-    write = (
-        SelfEditWriting(settings.self_edit_k, settings.self_edit_prompt, settings.self_edit_tokens)
-        if settings.mode == "seal"
-        else None
-    )
-    return LearnSettings(
-        chunk_chars=settings.chunk_chars,
-        max_doc_tokens=settings.max_doc_tokens,
-        tag_salt="" if settings.source_tags else None,
-        write=write,
-    )
-
-
-class LoraModels:
-    """One base model shared by every namespace's trainable LoRA adapter."""
-
-    def __init__(self, settings: Settings, weighter: Weighter) -> None:
-        self.settings = settings
-        self.weighters = {settings.strategy: weighter}
-        self.base, self.tokenizer = load_base(settings.model, settings.device)
-        self.model: PeftModel | None = None
-        self._opened = 0
-
-    def weighter(self, settings: Settings) -> Weighter:
-        """The weighter of a namespace's strategy, built once per strategy."""
-        if settings.strategy not in self.weighters:
-            self.weighters[settings.strategy] = build_weighter(settings)
-        return self.weighters[settings.strategy]
-
-    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> LoraBackend:
-        # A new name each time: a namespace's state is replaced by opening the new one first.
-        self._opened += 1
-        name = f"ns_{namespace}_{self._opened}"
-        if snapshot is None:
-            self.model = fresh_adapter(
-                self.model or self.base, self.settings.lora(), LORA_SEED, name
-            )
-        elif self.model is None:
-            with RNG_LOCK:  # loading initialises at random first (see RNG_LOCK)
-                self.model = PeftModel.from_pretrained(
-                    self.base, str(snapshot), adapter_name=name, is_trainable=True
-                )
-        else:
-            with RNG_LOCK:
-                self.model.load_adapter(str(snapshot), adapter_name=name, is_trainable=True)
-        return LoraBackend(self, name, snapshot, settings)
-
-
-class LoraBackend:
-    """One namespace's adapter, learned by the learning core's `Learner`; the optimizer state
-    rides in snapshots beside the adapter."""
-
-    def __init__(
-        self, models: LoraModels, adapter_name: str, snapshot: Path | None, settings: Settings
-    ) -> None:
-        assert models.model is not None
-        self.models = models
-        self.model = models.model
-        self.name = adapter_name
-        self.model.set_adapter(adapter_name)  # only this adapter's weights are trainable now
-        self.learner = Learner(
-            self.model,
-            models.tokenizer,
-            models.weighter(settings),
-            settings.update(),
-            learn_settings(settings),
-        )
-        if snapshot is not None:
-            updater = self.learner.updater
-            state = torch.load(
-                snapshot / OPTIMIZER_FILE, map_location=updater.device, weights_only=True
-            )
-            updater.load_state_dict(state)
-
-    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
-        self.model.set_adapter(self.name)
-        return self.learner.learn(doc, trust)
-
-    def answer(
-        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
-    ) -> list[str]:
-        self.model.set_adapter(self.name)
-        return generate_answers(
-            self.model,
-            self.models.tokenizer,
-            questions,
-            contexts=contexts,
-            max_new_tokens=SCORED_ANSWER_TOKENS,
-        )
-
-    def memory_bytes(self) -> int:
-        return self.learner.memory_bytes()
-
-    def write_state(self, directory: Path) -> None:
-        save_adapter(self.model, directory, adapter_name=self.name)
-        torch.save(self.learner.updater.state_dict(), directory / OPTIMIZER_FILE)
-
-    def close(self) -> None:
-        self.model.delete_adapter(self.name)
-
-
-def build_weighter(settings: Settings) -> Weighter:
-    from adaptation.weighting import make_weighter
-
-    return make_weighter(settings.strategy, path=settings.weighter_path())
-
-
-def open_backends(settings: Settings, weighter: Weighter) -> BackendFactory:
-    """Modes lora and seal train LoRA adapters (seal differs only in writing self-edits), mac
-    keeps memory banks."""
-    if settings.mode == "mac":
-        from service.mac_mode import MacModels  # it builds on this module
-
-        return MacModels.load(settings)
-    return LoraModels(settings, weighter)
-
-
-@dataclass
-class NamespaceState:
-    name: str
-    backend: Backend
-    version: int
-    lineage: dict[str, int]  # doc id -> the version that added it
-    config: NamespaceConfig
-    settings: Settings  # the service's, with the namespace's own choices in place
-    probe_f1: float | None = None  # the guard's baseline, the current version's (None: no guard)
-    # Applied but not yet in a snapshot: doc id -> stream entry id.
-    unsaved: dict[str, str] = field(default_factory=dict)
-    unsaved_since: float | None = None
-    unpublished: list[tuple[Manifest, list[str]]] = field(default_factory=list)
-    backlog: deque[Entry] = field(default_factory=deque)
-    retries: list[tuple[float, Entry]] = field(default_factory=list)
-    renewed: float = 0.0
-
 
 class Worker:
+    """The loop over the namespaces this worker holds the leases of; it is also the `Owner` its
+    admin operations (`Replay`) act through."""
+
     def __init__(
         self,
         settings: Settings,
@@ -252,12 +76,13 @@ class Worker:
         self._backends: BackendFactory | None = None
         self._stop = threading.Event()
         self._discovered = 0.0
-        self._renew = self.redis.register_script(_RENEW)
-        self._release = self.redis.register_script(_RELEASE)
-
-    @property
-    def lease_ms(self) -> int:
-        return int(self.settings.lease_seconds * 1000)
+        self.leases = Leases(self.redis, self.keys, self.consumer, settings.lease_seconds)
+        self.quarantine = Quarantine(self.store, self.docs, self.ns_store, self.stats)
+        self.retries = Retries(settings, self.docs, self.queue, self.stats)
+        self.guard = UpdateGuard(settings, self.docs, self.queue, self.stats)
+        self.replay = Replay(
+            self, self.redis, self.keys, self.store, self.docs, self.ns_store, self.guard
+        )
 
     def load(self) -> None:
         """Load the weighter and the base model (the slow part of starting)."""
@@ -305,7 +130,7 @@ class Worker:
         if not self.namespaces:
             self._stop.wait(0.5)
             return 0
-        self._run_operations()
+        self.replay.run(self.namespaces)
         done = 0
         for entry in self._due():
             if self._stop.is_set():
@@ -334,7 +159,7 @@ class Worker:
             try:
                 self._snapshot(st)
                 self._publish(st)
-                self._release(keys=[self.keys.lease(st.name)], args=[self.consumer])
+                self.leases.release(st.name)
             except (redis.RedisError, OSError) as exc:
                 log.warning("worker: could not finish %s cleanly (%s)", st.name, exc)
         log.info("worker %s stopped", self.consumer)
@@ -347,14 +172,8 @@ class Worker:
             return
         self._discovered = now
         for ns in sorted(self.redis.smembers(self.keys.namespaces)):
-            if ns not in self.namespaces and self._take_lease(ns):
+            if ns not in self.namespaces and self.leases.take(ns):
                 self._open(ns)
-
-    def _take_lease(self, namespace: str) -> bool:
-        key = self.keys.lease(namespace)
-        if self.redis.set(key, self.consumer, nx=True, px=self.lease_ms):
-            return True
-        return bool(self._renew(keys=[key], args=[self.consumer, self.lease_ms]))
 
     def _renew_leases(self) -> None:
         now = time.monotonic()
@@ -365,12 +184,10 @@ class Worker:
     def _hold(self, st: NamespaceState) -> bool:
         """Renew the lease. If it lapsed, take it back only if no other worker has it and none has
         written a snapshot meanwhile; otherwise drop the namespace (its entries stay pending)."""
-        key = self.keys.lease(st.name)
-        if self._renew(keys=[key], args=[self.consumer, self.lease_ms]):
+        if self.leases.renew(st.name):
             st.renewed = time.monotonic()
             return True
-        retaken = self.redis.set(key, self.consumer, nx=True, px=self.lease_ms)
-        if retaken and self.store.latest(st.name) == st.version:
+        if self.leases.take_if_free(st.name) and self.store.latest(st.name) == st.version:
             st.renewed = time.monotonic()
             self._reclaim(st)
             log.warning("worker %s retook the lapsed lease on %s", self.consumer, st.name)
@@ -388,7 +205,7 @@ class Worker:
         st.backlog.extend(e for e in claimed if e.entry_id not in known)
 
     def _open(self, namespace: str) -> None:
-        self._repair(namespace)
+        self.quarantine.repair(namespace)
         version = self.store.latest(namespace)
         config, settings, backend = self._load(namespace, version)
         st = NamespaceState(
@@ -400,7 +217,7 @@ class Worker:
             settings=settings,
             renewed=time.monotonic(),
         )
-        st.probe_f1 = self._probe_f1(st)
+        st.probe_f1 = self.guard.probe_f1(st)
         self.queue.ensure_group(namespace)
         publish_version(self.redis, self.keys, namespace, version)
         st.backlog.extend(self.queue.claim_pending(namespace, self.consumer))
@@ -414,33 +231,6 @@ class Worker:
             len(st.backlog),
         )
 
-    def _repair(self, namespace: str) -> None:
-        """The startup check, run while holding the lease: remove a crashed writer's temporary
-        directories, quarantine damaged snapshots, and queue again the documents only they held,
-        so resuming from the newest intact snapshot loses none. Documents are queued before the
-        snapshots move, so a crash in between repeats the check instead of losing them."""
-        self.store.clean_partial(namespace)
-        damaged = self.store.damaged(namespace)
-        if not damaged:
-            return
-        lost = {v.version for v in damaged}
-        kept = self.store.lineage(
-            namespace, max(set(self.store.versions(namespace)) - lost, default=0)
-        )
-        named = {doc_id for d in damaged for doc_id in d.doc_ids}
-        candidates = (named | self.docs.applied_in(namespace, lost)) - kept.keys()
-        requeued = self.docs.requeue(namespace, sorted(candidates))
-        self._reconcile(namespace, kept)
-        moved = self.store.quarantine(namespace, damaged)
-        self.stats.count(namespace, "quarantined", len(moved))
-        self.stats.count(namespace, "requeued", len(requeued))
-        log.error(
-            "worker: %s: quarantined damaged snapshots %s; %d documents queued again",
-            namespace,
-            ", ".join(p.name for p in moved),
-            len(requeued),
-        )
-
     def _load(self, namespace: str, version: int) -> tuple[NamespaceConfig, Settings, Backend]:
         """The namespace's own settings, and a backend holding `version`'s state under them."""
         assert self._backends is not None
@@ -449,44 +239,23 @@ class Worker:
         snapshot = self.store.path(namespace, version) if version else None
         return config, settings, self._backends.open(namespace, snapshot, settings)
 
-    def _restore(self, st: NamespaceState, version: int) -> None:
+    def restore(self, st: NamespaceState, version: int) -> None:
         """Replace the backend by `version`'s state under the namespace's current settings; the
         guard's baseline becomes that version's F1. Call it with nothing unsaved."""
         config, settings, backend = self._load(st.name, version)
         st.backend.close()
         st.backend, st.config, st.settings, st.version = backend, config, settings, version
         st.lineage = self.store.lineage(st.name, version)
-        st.probe_f1 = self._probe_f1(st)
-
-    def _reconcile(self, namespace: str, kept: dict[str, int]) -> None:
-        """A quarantined version may have held a forget or a rollback, whose documents are back
-        in the lineage resumed: a forgotten one is forgotten again (it must not resurface), and
-        a rolled-back one is recorded as applied where the lineage now holds it."""
-        back: dict[int, list[str]] = defaultdict(list)
-        for doc_id, record in self.docs.statuses(kept).items():
-            if record is not None and record.status == "forgotten":
-                self.ns_store.request(namespace, "forget", document=doc_id)
-            elif record is not None and record.status == "rolled_back":
-                back[kept[doc_id]].append(doc_id)
-        for version, doc_ids in back.items():
-            self.docs.mark_applied(doc_ids, version)
-            log.warning(
-                "worker: %s: a quarantined version had rolled back %s; version %d holds them again",
-                namespace,
-                ", ".join(doc_ids),
-                version,
-            )
+        st.probe_f1 = self.guard.probe_f1(st)
 
     # Documents.
 
     def _due(self) -> list[Entry]:
-        now = time.monotonic()
         out: list[Entry] = []
         for st in self.namespaces.values():
             out.extend(st.backlog)
             st.backlog.clear()
-            out.extend(e for t, e in st.retries if t <= now)
-            st.retries = [(t, e) for t, e in st.retries if t > now]
+            out.extend(self.retries.due(st))
         return out
 
     def _block_ms(self) -> int | None:
@@ -518,15 +287,12 @@ class Worker:
             return
         record = self.docs.get(doc_id)
         if record is None:
-            self.queue.dead_letter(entry, "document record missing from Redis")
-            self.stats.count(st.name, "dead")
+            self.retries.missing(entry)
             return
         if record.status in SETTLED:  # dead, held back or forgotten: never applied
             self.queue.ack(st.name, [entry.entry_id])
             return
-        if record.attempts >= self.settings.max_deliveries:
-            last = record.error or "the worker stopped while applying it"
-            self._dead(entry, f"gave up after {record.attempts} attempts; last: {last}")
+        if self.retries.exhausted(entry, record):
             return
         doc, trust = self._document(st, record)
         attempt = self.docs.begin_attempt(doc_id)
@@ -543,14 +309,7 @@ class Worker:
             if len(st.unsaved) >= self.settings.snapshot_every:
                 self._snapshot(st)
             return
-        reason = result.reason or "update rejected"
-        self.stats.count(st.name, "failed")
-        log.warning("worker: %s failed (attempt %d): %s", doc_id, attempt, reason)
-        if attempt >= self.settings.max_deliveries:
-            self._dead(entry, f"failed {attempt} times; last: {reason}")
-        else:
-            self.docs.mark_failed(doc_id, reason)
-            st.retries.append((time.monotonic() + self.settings.retry_seconds, entry))
+        self.retries.failed(st, entry, attempt, result.reason or "update rejected")
 
     def _document(
         self, st: NamespaceState, record: DocumentRecord, replay: bool = False
@@ -583,12 +342,6 @@ class Worker:
             log.exception("worker: applying %s failed", doc.id)
             return IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
 
-    def _dead(self, entry: Entry, reason: str) -> None:
-        log.warning("worker: dead-lettering %s: %s", entry.doc_id, reason)
-        self.docs.mark_failed(entry.doc_id, reason, dead=True)
-        self.queue.dead_letter(entry, reason)
-        self.stats.count(entry.namespace, "dead")
-
     # Snapshots.
 
     def _snapshot(self, st: NamespaceState) -> None:
@@ -596,13 +349,14 @@ class Worker:
         back, and publish it."""
         if not st.unsaved or not self._hold(st):
             return
-        f1 = self._probe_f1(st)
-        regression = self._regression(st, f1)
-        if regression:
-            self._hold_back(st, regression)
+        f1 = self.guard.probe_f1(st)
+        regression = self.guard.regression(st, f1)
+        if regression:  # keep serving the current version
+            self.guard.hold_back(st, regression)
+            self.restore(st, st.version)
             return
         ids = list(st.unsaved)
-        manifest = self._write(st, st.version, ids, len(st.lineage) + len(ids), probe_f1=f1)
+        manifest = self.write(st, st.version, ids, len(st.lineage) + len(ids), probe_f1=f1)
         st.version = manifest.version
         st.lineage.update(dict.fromkeys(ids, manifest.version))
         st.probe_f1 = f1
@@ -627,7 +381,7 @@ class Worker:
                 len(manifest.doc_ids),
             )
 
-    def _write(
+    def write(
         self,
         st: NamespaceState,
         parent: int,
@@ -669,160 +423,15 @@ class Worker:
         self.stats.solved(st.name)
         return manifest
 
-    # The update guard.
+    # The `Owner` the admin operations (service/replay.py) act through.
 
-    def _probe_f1(self, st: NamespaceState) -> float | None:
-        """Closed-book F1 of the backend as it stands on the namespace's probe questions (its
-        own, else the service's); None when there are none, which turns the guard off."""
-        probes = st.config.probes or default_probes(self.settings)
-        if not probes:
-            return None
-        answers = st.backend.answer([p.question for p in probes])
-        return score(answers, [p.answers for p in probes])["f1"]
-
-    def _regression(self, st: NamespaceState, f1: float | None) -> str | None:
-        """Why the applied documents must be held back, or None if the guard lets them pass."""
-        epsilon = st.settings.guard_epsilon
-        if f1 is None or st.probe_f1 is None or st.probe_f1 - f1 <= epsilon:
-            return None
-        return (
-            f"update guard: probe F1 would fall from {st.probe_f1:.3f} (version {st.version}) "
-            f"to {f1:.3f}, more than guard_epsilon={epsilon:g}, with this document among the "
-            "update's; held back. Review it, then forget it (DELETE /v1/documents/{id}) or send "
-            "it again under a new id"
-        )
-
-    def _hold_back(self, st: NamespaceState, reason: str) -> None:
-        """Keep serving the current version: flag the documents, acknowledge their entries (a
-        retry would be held back again), and restore the backend to the published state."""
-        log.warning("worker: %s: holding back %s: %s", st.name, ", ".join(st.unsaved), reason)
-        self.docs.mark(list(st.unsaved), "held", reason)
-        self.queue.ack(st.name, list(st.unsaved.values()))
-        self.stats.count(st.name, "held", len(st.unsaved))
-        st.unsaved = {}
-        st.unsaved_since = None
-        self._restore(st, st.version)
-
-    # Admin operations, queued by the API.
-
-    def _run_operations(self) -> None:
-        """Each owned namespace's oldest queued operation, between documents."""
-        for name, op in self.ns_store.next(list(self.namespaces)).items():
-            st = self.namespaces.get(name)
-            if st is not None and self._operate(st, op):
-                self.ns_store.done(name, op.request)
-
-    def _operate(self, st: NamespaceState, op: Operation) -> bool:
-        """Carry out `op`; False if the lease was lost, which leaves it for the next owner."""
+    def ready(self, st: NamespaceState) -> bool:
         self._snapshot(st)  # what is applied already goes first, through the guard
-        if self.namespaces.get(st.name) is not st or not self._hold(st):
-            return False
-        log.info("worker: %s: %s (request %s)", st.name, op.operation, op.request)
-        if op.operation == "configure":
-            if self.ns_store.config(st.name) != st.config:
-                self._restore(st, st.version)
-            return True
-        current = self.store.manifest(st.name, st.version) if st.version else None
-        if current is not None and current.info.get("request") == op.request:
-            # Written before a crash that came before its entry was deleted: settle it again,
-            # against the version that was current before it (the newest older one).
-            previous = max((v for v in self.store.versions(st.name) if v < st.version), default=0)
-            self._settle(st, current, self.store.lineage(st.name, previous))
-            return True
-        if op.operation == "rollback":
-            return self._rollback(st, op.version or 0, op.request)
-        return self._forget(st, op.document or "", op.request)
+        return self.namespaces.get(st.name) is st and self._hold(st)
 
-    def _rollback(self, st: NamespaceState, target: int, request: str) -> bool:
-        """Make `target` current as a new version whose parent it is: versions stay increasing,
-        the newest is what is served and resumed, and the lineage continues from `target`."""
-        try:
-            check_rollback(self.store, self.docs, st.name, target)
-        except Refused as exc:
-            log.warning("worker: %s: rollback refused: %s", st.name, exc.detail)
-            return True
-        before = st.lineage
-        self._restore(st, target)
-        manifest = self._write(st, target, [], len(st.lineage), rollback_to=target, request=request)
-        st.version = manifest.version
-        self._settle(st, manifest, before)
-        return True
+    def keep(self, st: NamespaceState) -> bool:
+        self._renew_leases()
+        return self.namespaces.get(st.name) is st
 
-    def _forget(self, st: NamespaceState, doc_id: str, request: str) -> bool:
-        """Restore the snapshot before the document and replay the lineage's later documents
-        without it; the result is a new version whose manifest records the forget."""
-        if doc_id not in st.lineage:  # never learned (queued, held, dead, rolled back): no replay
-            self.docs.forget([doc_id])
-            return True
-        added = st.lineage[doc_id]
-        replay = [d for m in self._ancestry(st, added) for d in m.doc_ids if d != doc_id]
-        parent = self.store.manifest(st.name, added).parent
-        before = st.lineage
-        self._restore(st, parent)
-        applied: list[str] = []
-        retry: list[str] = []
-        for other in replay:
-            self._renew_leases()
-            if self.namespaces.get(st.name) is not st:
-                return False  # the lease lapsed mid-replay: the next owner starts over
-            record = self.docs.get(other)
-            result = (
-                self._ingest(st, *self._document(st, record, replay=True))
-                if record is not None
-                else IngestResult(applied=False, reason="record missing")
-            )
-            (applied if result.applied else retry).append(other)
-        manifest = self._write(
-            st,
-            parent,
-            applied,
-            len(st.lineage) + len(applied),
-            forgotten=[doc_id],
-            requeued=retry or None,
-            request=request,
-        )
-        st.version = manifest.version
-        st.lineage.update(dict.fromkeys(applied, manifest.version))
-        st.probe_f1 = self._probe_f1(st)
-        self._settle(st, manifest, before)
-        return True
-
-    def _ancestry(self, st: NamespaceState, oldest: int) -> list[Manifest]:
-        """Manifests from `oldest` (an ancestor of the current version) to the current one."""
-        chain = [self.store.manifest(st.name, st.version)]
-        while chain[-1].version != oldest:
-            chain.append(self.store.manifest(st.name, chain[-1].parent))
-        return chain[::-1]
-
-    def _settle(self, st: NamespaceState, manifest: Manifest, before: dict[str, int]) -> None:
-        """Publish an operation's version and bring document statuses in line with its lineage
-        (idempotent, so a crash can repeat it): a replay's failures are queued again, the
-        forgotten are forgotten, what the version dropped is rolled back, and every document
-        in it names the version that now holds it."""
-        publish_version(self.redis, self.keys, st.name, manifest.version)
-        forgotten = manifest.info.get("forgotten", [])
-        retry = manifest.info.get("requeued", [])
-        self.docs.requeue(st.name, retry)
-        kept = st.lineage.keys() | set(forgotten) | set(retry)
-        gone = [doc_id for doc_id in before if doc_id not in kept]
-        if gone:
-            self.docs.mark(
-                gone,
-                "rolled_back",
-                f"not in version {manifest.version}, which restored version {manifest.parent}; "
-                "send it again under a new id to learn it again",
-            )
-        moved: dict[int, list[str]] = defaultdict(list)
-        for doc_id, version in st.lineage.items():
-            if before.get(doc_id) != version:
-                moved[version].append(doc_id)
-        for version, ids in moved.items():
-            self.docs.mark_applied(ids, version)
-        self.docs.forget(forgotten)
-        log.info(
-            "worker: %s version %d published (rollback_to %s, forgotten %s)",
-            st.name,
-            manifest.version,
-            manifest.info.get("rollback_to"),
-            forgotten,
-        )
+    def relearn(self, st: NamespaceState, record: DocumentRecord) -> IngestResult:
+        return self._ingest(st, *self._document(st, record, replay=True))

@@ -27,10 +27,11 @@ from adaptation.data import Document
 from service.adapters import AdapterStore
 from service.api import create_app
 from service.auth import KeyStore
+from service.backends.lora import LoraModels, build_weighter
 from service.keys import Keys
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import LoraModels, Worker, build_weighter
+from service.worker import Worker
 
 REDIS_URL = os.environ.get("UPTAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")

@@ -179,7 +179,7 @@ def test_repair_redoes_a_lost_forget_and_owns_up_to_a_lost_rollback(
     docs.mark(["c"], "rolled_back", "not in version 9")
     (store.path(NS, 3) / MANIFEST).unlink()
 
-    worker._repair(NS)
+    worker.quarantine.repair(NS)
     assert store.versions(NS) == [1, 2] and store.quarantined(NS) == ["v000003-manifest"]
     assert [(op.operation, op.document) for op in worker.ns_store.pending(NS)] == [("forget", "b")]
     records = docs.statuses("abcd")

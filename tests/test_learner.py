@@ -13,9 +13,9 @@ from adaptation.lab.evaluation import EvalConfig, make_method
 from adaptation.learner import LearnSettings, split_text
 from adaptation.modeling import LoraSettings, lora_parameters
 from adaptation.weighting import make_weighter
+from service.backends.lora import LORA_SEED, LoraModels
 from service.cli import build_parser
 from service.settings import Settings
-from service.worker import LORA_SEED, LoraModels
 from tests.servicekit import make_settings
 
 TITLE = "Alda Venn"

@@ -21,13 +21,13 @@ from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir
 from adaptation.weighting import make_weighter
 from service.adapters import AdapterStore, publish_version
+from service.backends import open_backends
+from service.backends.mac import MacBackend, MacModels
 from service.cli import main
-from service.engine import open_engine
+from service.engine import MacServingEngine, open_engine
 from service.keys import Keys
-from service.mac_mode import MacBackend, MacModels, MacServingEngine
 from service.redis_conn import client
 from service.settings import ConfigError, Settings
-from service.worker import open_backends
 from tests.servicekit import (
     drop_prefix,
     live_api,

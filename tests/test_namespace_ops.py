@@ -11,8 +11,8 @@ import redis
 
 from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.modeling import load_base
+from service.backends.lora import LoraBackend
 from service.keys import Keys
-from service.worker import LoraBackend
 from tests.servicekit import QUESTION, Stack, assert_same, differs, open_stack
 
 

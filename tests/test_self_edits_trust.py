@@ -18,7 +18,7 @@ from adaptation.learner import fit_passage
 from adaptation.prompts import self_edit_request
 from adaptation.self_edit import parse_self_edits
 from adaptation.trust import source_tag
-from service.worker import LoraModels
+from service.backends.lora import LoraModels
 from tests.conftest import RecordingWeighter
 from tests.servicekit import Stack, assert_same, differs, make_settings, open_stack, serve
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from adaptation.modeling import lora_parameters
 from adaptation.paths import demo_weighter_dir
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
+from service.backends.lora import LoraBackend, build_weighter
 from service.cli import main
 from service.documents import DocumentStore
 from service.keys import Keys
@@ -24,7 +25,7 @@ from service.metrics import WorkerStats
 from service.queue import Queue
 from service.redis_conn import client
 from service.settings import Settings
-from service.worker import LoraBackend, Worker, build_weighter
+from service.worker import Worker
 from tests.servicekit import (
     drop_prefix,
     make_settings,

@@ -5,14 +5,14 @@ The trained networks (UPTAKE_MAC_DIR, from `uptake meta-train mac`) are loaded o
 and shared by every namespace; only the banks are per namespace. In the worker, ingesting is one
 amortizer forward pass with no gradient, and a snapshot holds the namespace's bank (`bank/`), so
 snapshots, manifests, checksums, recovery and the lineage work as in mode lora. The serving engine
-loads each namespace's published bank and answers from it.
+(service/engine.py, `MacServingEngine`) loads each namespace's published bank through `MacModels`
+and answers from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,8 +22,6 @@ from adaptation.learner import IngestResult
 from adaptation.mac.bank import MemoryBank
 from adaptation.mac.system import BANK, MacSystem
 from adaptation.modeling import load_base
-from adaptation.prompts import Message, last_question
-from service.engine import ServingEngine
 from service.settings import Settings
 
 
@@ -91,69 +89,3 @@ class MacBackend:
 
     def close(self) -> None:
         """Nothing to free: the bank goes with this object; the networks stay shared."""
-
-
-class MacServingEngine(ServingEngine):
-    """The serving engine of mode mac: each namespace answers from its published bank, with no
-    adapter. A micro-batch is answered with one generate call per namespace in it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._mac: MacModels | None = None
-        self._empty: MacSystem | None = None  # namespaces with nothing published: the bare base
-        self._banks: dict[str, tuple[int, MacSystem]] = {}  # namespace -> (version, system)
-
-    @property
-    def ready(self) -> bool:
-        return self._mac is not None
-
-    def load(self) -> None:
-        directory = self.settings.mac_networks()
-        super().load()
-        assert self._base is not None and self._tokenizer is not None
-        mac = MacModels(self._base, self._tokenizer, directory)
-        self._empty = mac.system(None)
-        self._mac = mac
-
-    def version(self, namespace: str) -> int:
-        return self._banks.get(namespace, (0, None))[0]
-
-    def versions(self) -> dict[str, int]:
-        return {ns: version for ns, (version, _) in self._banks.items()}
-
-    def _install(self, namespace: str, version: int, path: Path | None) -> None:
-        assert self._mac is not None
-        system = self._mac.system(path)  # read the bank before taking the lock answers hold
-        with self._lock:
-            self._banks[namespace] = (version, system)
-
-    def _served(self, namespace: str) -> tuple[int, MacSystem]:
-        assert self._empty is not None
-        return self._banks.get(namespace) or (0, self._empty)
-
-    def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
-        if self.on_batch is not None:
-            self.on_batch(len(asks))
-        rows: dict[str, list[int]] = {}
-        for i, (namespace, _) in enumerate(asks):
-            rows.setdefault(namespace, []).append(i)
-        out: list[tuple[str, int]] = [("", 0)] * len(asks)
-        with self._lock:
-            for namespace, indices in rows.items():
-                version, system = self._served(namespace)
-                questions = [asks[i][1] for i in indices]
-                texts = system.answer(questions, max_new_tokens=budget, batch_size=len(questions))
-                for i, text in zip(indices, texts, strict=True):
-                    out[i] = (text, version)
-        return out
-
-    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
-        """The bank is read with a question: the last user message is asked."""
-        return self.answer(last_question(messages), namespace, max_new_tokens)
-
-    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
-        budget = self._fit_context(prompt, max_new_tokens, "prompt")
-        with self._lock:
-            version, system = self._served(namespace)
-            (text,) = system.complete([prompt], budget)
-        return text, version

@@ -1,0 +1,139 @@
+"""Modes lora and seal: each namespace trains its own LoRA adapter on one shared base model, as a
+thin wrapper over the learning core's `Learner`, which `uptake eval` learns through too; seal
+also has the base write self-edits for documents sent without any."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
+from adaptation.data import Document
+from adaptation.learner import (
+    IngestResult,
+    Learner,
+    LearnSettings,
+    SelfEditWriting,
+    fresh_adapter,
+)
+from adaptation.modeling import RNG_LOCK, load_base, save_adapter
+from adaptation.weighting import make_weighter
+from adaptation.weighting.base import Weighter
+from service.settings import Settings
+
+OPTIMIZER_FILE = "optimizer.pt"
+# A fresh adapter always starts from this seed, so a replay from version 0 (forgetting a
+# lineage's first document) starts where the lineage did.
+LORA_SEED = 0
+
+
+def learn_settings(settings: Settings) -> LearnSettings:
+    """How a namespace learns a document; mode seal also writes self-edits for documents sent
+    without any."""
+    write = (
+        SelfEditWriting(settings.self_edit_k, settings.self_edit_prompt, settings.self_edit_tokens)
+        if settings.mode == "seal"
+        else None
+    )
+    return LearnSettings(
+        chunk_chars=settings.chunk_chars,
+        max_doc_tokens=settings.max_doc_tokens,
+        tag_salt="" if settings.source_tags else None,
+        write=write,
+    )
+
+
+class LoraModels:
+    """One base model shared by every namespace's trainable LoRA adapter."""
+
+    def __init__(self, settings: Settings, weighter: Weighter) -> None:
+        self.settings = settings
+        self.weighters = {settings.strategy: weighter}
+        self.base, self.tokenizer = load_base(settings.model, settings.device)
+        self.model: PeftModel | None = None
+        self._opened = 0
+
+    def weighter(self, settings: Settings) -> Weighter:
+        """The weighter of a namespace's strategy, built once per strategy."""
+        if settings.strategy not in self.weighters:
+            self.weighters[settings.strategy] = build_weighter(settings)
+        return self.weighters[settings.strategy]
+
+    def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> LoraBackend:
+        # A new name each time: a namespace's state is replaced by opening the new one first.
+        self._opened += 1
+        name = f"ns_{namespace}_{self._opened}"
+        if snapshot is None:
+            self.model = fresh_adapter(
+                self.model or self.base, self.settings.lora(), LORA_SEED, name
+            )
+        elif self.model is None:
+            with RNG_LOCK:  # loading initialises at random first (see RNG_LOCK)
+                self.model = PeftModel.from_pretrained(
+                    self.base, str(snapshot), adapter_name=name, is_trainable=True
+                )
+        else:
+            with RNG_LOCK:
+                self.model.load_adapter(str(snapshot), adapter_name=name, is_trainable=True)
+        return LoraBackend(self, name, snapshot, settings)
+
+
+class LoraBackend:
+    """One namespace's adapter, learned by the learning core's `Learner`; the optimizer state
+    rides in snapshots beside the adapter."""
+
+    def __init__(
+        self, models: LoraModels, adapter_name: str, snapshot: Path | None, settings: Settings
+    ) -> None:
+        assert models.model is not None
+        self.models = models
+        self.model = models.model
+        self.name = adapter_name
+        self.model.set_adapter(adapter_name)  # only this adapter's weights are trainable now
+        self.learner = Learner(
+            self.model,
+            models.tokenizer,
+            models.weighter(settings),
+            settings.update(),
+            learn_settings(settings),
+        )
+        if snapshot is not None:
+            updater = self.learner.updater
+            state = torch.load(
+                snapshot / OPTIMIZER_FILE, map_location=updater.device, weights_only=True
+            )
+            updater.load_state_dict(state)
+
+    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
+        self.model.set_adapter(self.name)
+        return self.learner.learn(doc, trust)
+
+    def answer(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
+    ) -> list[str]:
+        self.model.set_adapter(self.name)
+        return generate_answers(
+            self.model,
+            self.models.tokenizer,
+            questions,
+            contexts=contexts,
+            max_new_tokens=SCORED_ANSWER_TOKENS,
+        )
+
+    def memory_bytes(self) -> int:
+        return self.learner.memory_bytes()
+
+    def write_state(self, directory: Path) -> None:
+        save_adapter(self.model, directory, adapter_name=self.name)
+        torch.save(self.learner.updater.state_dict(), directory / OPTIMIZER_FILE)
+
+    def close(self) -> None:
+        self.model.delete_adapter(self.name)
+
+
+def build_weighter(settings: Settings) -> Weighter:
+    """The weighter of the service's strategy (a trained one is loaded from its directory)."""
+    return make_weighter(settings.strategy, path=settings.weighter_path())
