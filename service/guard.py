@@ -5,6 +5,7 @@ held back, its documents flagged for review."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from adaptation.metrics import score
 from service.documents import DocumentStore
@@ -17,14 +18,12 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class UpdateGuard:
-    def __init__(
-        self, settings: Settings, docs: DocumentStore, queue: Queue, stats: WorkerStats
-    ) -> None:
-        self.settings = settings
-        self.docs = docs
-        self.queue = queue
-        self.stats = stats
+    settings: Settings
+    docs: DocumentStore
+    queue: Queue
+    stats: WorkerStats
 
     def probe_f1(self, st: NamespaceState) -> float | None:
         """Closed-book F1 of the backend as it stands on the namespace's probe questions (its

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 from service.adapters import AdapterStore
 from service.documents import DocumentStore
@@ -15,18 +16,12 @@ from service.namespaces import NamespaceStore
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Quarantine:
-    def __init__(
-        self,
-        store: AdapterStore,
-        docs: DocumentStore,
-        ns_store: NamespaceStore,
-        stats: WorkerStats,
-    ) -> None:
-        self.store = store
-        self.docs = docs
-        self.ns_store = ns_store
-        self.stats = stats
+    store: AdapterStore
+    docs: DocumentStore
+    ns_store: NamespaceStore
+    stats: WorkerStats
 
     def repair(self, namespace: str) -> None:
         """Clean up and quarantine what is damaged. Documents are queued before the snapshots

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from service.documents import DocumentRecord, DocumentStore
 from service.metrics import WorkerStats
@@ -16,14 +17,12 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Retries:
-    def __init__(
-        self, settings: Settings, docs: DocumentStore, queue: Queue, stats: WorkerStats
-    ) -> None:
-        self.settings = settings
-        self.docs = docs
-        self.queue = queue
-        self.stats = stats
+    settings: Settings
+    docs: DocumentStore
+    queue: Queue
+    stats: WorkerStats
 
     def due(self, st: NamespaceState) -> list[Entry]:
         """Take the namespace's retries whose time has come."""
