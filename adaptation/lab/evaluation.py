@@ -144,7 +144,8 @@ class LoraMethod(BaseMethod):
 
     def reset(self) -> None:
         """Back to the state of the first reset, which the single protocol calls before any
-        document is learned: the fresh adapter and optimizer."""
+        document is learned: the fresh adapter and optimizer, and nothing to rehearse."""
+        self.learner.memory.clear()
         updater = self.learner.updater
         if self._fresh is None:
             self._fresh = updater.snapshot()
@@ -199,7 +200,10 @@ class SealMethod(LoraMethod):
             max_new_tokens=self.max_new_tokens,
         )
         self.choices.append(choice)
-        return choice.results[choice.chosen]
+        kept = choice.results[choice.chosen]
+        if kept.applied:  # each candidate was remembered as learned: keep the winner's self-edit
+            self.learner.remember(replace(doc, self_edits=(gens[choice.chosen],)), trust)
+        return kept
 
     def probes(self, doc: Document) -> list[QA]:
         """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
@@ -852,8 +856,14 @@ def _trained_part(cfg: dict) -> str:
 
 def _protocol_text(report: dict) -> str:
     cfg = report["config"]
-    epochs = cfg["learning"]["epochs"]
+    learning = cfg["learning"]
+    epochs = learning["epochs"]
     passes = f"{epochs} pass{'es' if epochs != 1 else ''} over its training sequences"
+    if learning.get("rehearse"):
+        passes += (
+            f", each followed by {learning['rehearse']} earlier documents rehearsed from the "
+            f"last {learning['rehearsal_window']}"
+        )
     if report["protocol"] == "single":
         return (
             f"Protocol single (SEAL's): each of the {report['documents']} documents is learned "
