@@ -859,11 +859,6 @@ def _protocol_text(report: dict) -> str:
     learning = cfg["learning"]
     epochs = learning["epochs"]
     passes = f"{epochs} pass{'es' if epochs != 1 else ''} over its training sequences"
-    if learning.get("rehearse"):
-        passes += (
-            f", each followed by {learning['rehearse']} earlier documents rehearsed from the "
-            f"last {learning['rehearsal_window']}"
-        )
     if report["protocol"] == "single":
         return (
             f"Protocol single (SEAL's): each of the {report['documents']} documents is learned "
@@ -876,7 +871,17 @@ def _protocol_text(report: dict) -> str:
     return (
         f"Protocol stream: one adapter (or store) reads the {report['documents']} documents "
         f"once, in order ({passes} each), and is asked all their questions closed-book at the "
-        "end."
+        "end." + _rehearsal_text(learning)
+    )
+
+
+def _rehearsal_text(learning: dict) -> str:
+    """Rehearsal in the stream protocol (in the single one there is nothing earlier to rehearse)."""
+    if not learning.get("rehearse"):
+        return ""
+    return (
+        f" Rehearsal: every pass over a document is followed by one over {learning['rehearse']} "
+        f"earlier documents, drawn from the last {learning['rehearsal_window']} learned."
     )
 
 
