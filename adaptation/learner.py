@@ -2,14 +2,14 @@
 strategies alike, so what the evaluation measures is what the service does.
 
 A document is learned as its text's chunks (each its own weighted update, scaled by the
-document's trust), then its self-edit sequences in padded micro-batches. `Knowledge` is the
-interface every way of folding documents into a model answers to: the worker's modes and the
-evaluation's strategies.
+document's trust), then its self-edit sequences in padded micro-batches, and with rehearsal a few
+earlier documents again after it (`adaptation/rehearsal.py`). `Knowledge` is the interface every
+way of folding documents into a model answers to: the worker's modes and the evaluation's
+strategies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adaptation.data import Document
 from adaptation.modeling import LoraSettings, attach_lora, context_window, lora_config, seeded
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, self_edit_request
+from adaptation.rehearsal import RehearsalMemory, Remembered, doc_seed
 from adaptation.self_edit import (
     apply_with_self_edits,
     generate_self_edits,
@@ -29,7 +30,7 @@ from adaptation.self_edit import (
 )
 from adaptation.trust import apply_trusted, tag_text
 from adaptation.updater import OnlineUpdater, StepReport, UpdateConfig
-from adaptation.weighting.base import Weighter, encode_weighted
+from adaptation.weighting.base import WeightedText, Weighter, encode_weighted
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class IngestResult:
     sequences: int | None = None
     self_edit_sequences: int | None = None
     note: str | None = None
+    rehearsed: int | None = None  # earlier documents learned again beside it
 
 
 class Knowledge(Protocol):
@@ -81,13 +83,17 @@ class SelfEditWriting:
 @dataclass(frozen=True)
 class LearnSettings:
     """How a document becomes updates. The defaults are the service's (`UPTAKE_CHUNK_CHARS`,
-    `UPTAKE_MAX_DOC_TOKENS`)."""
+    `UPTAKE_MAX_DOC_TOKENS`, `UPTAKE_REHEARSE`, `UPTAKE_REHEARSAL_WINDOW`)."""
 
     chunk_chars: int = 4000  # long texts and self-edits are split here, so none is truncated
     max_doc_tokens: int = 1024  # tokens per update
     tag_salt: str | None = None  # with a salt, every sequence opens with its source's tag (IML)
     write: SelfEditWriting | None = None  # None: only supplied self-edits are learned
     epochs: int = 1  # passes over the document's training sequences
+    # Earlier documents learned again with each new one (0: none, and none are remembered),
+    # drawn from the most recent `rehearsal_window` learned.
+    rehearse: int = 0
+    rehearsal_window: int = 64
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -144,8 +150,14 @@ def fresh_adapter(
         return attach_lora(model, lora, adapter_name=name)
 
 
-def _seed_of(doc_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") >> 1
+@dataclass(frozen=True)
+class _Lesson:
+    """One document's training sequences ready for a pass, with the trust that scales them."""
+
+    chunks: list[WeightedText]
+    edits: list[str]
+    edit_tokens: int
+    trust: float
 
 
 class Learner:
@@ -170,11 +182,21 @@ class Learner:
         self.tokenizer = tokenizer
         self.weighter = weighter
         self.updater = OnlineUpdater(model, update)
+        s = self.settings
+        self.memory = RehearsalMemory(s.rehearsal_window if s.rehearse else 0)
 
     def learn(self, doc: Document, trust: float = 1.0) -> IngestResult:
         """Steps on each chunk of the text, then on the self-edit sequences in padded
-        micro-batches, for `epochs` passes, every update scaled by `trust` (0: nothing is
-        learned)."""
+        micro-batches, every update scaled by `trust` (0: nothing is learned, nor remembered).
+
+        With `rehearse` = k, each pass then learns k earlier documents again, each as it was
+        learned (its chunks, its self-edits, its trust), oldest first. After the new document
+        rather than before: the new document's steps are what pull the adapter away from the
+        earlier ones, and the rehearsal that follows pulls it back, while the new document is
+        revisited first in the next pass. Whole documents rather than a mixed micro-batch:
+        a rehearsed document's update is then exactly the one it had when learned. Rehearsal
+        steps stay out of the explosion check's record, and out of the result's tokens.
+        """
         if trust == 0.0:
             who = f"source {doc.source!r}" if doc.source else "a document without a source"
             note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
@@ -182,43 +204,82 @@ class Learner:
                 applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note
             )
         s = self.settings
-        edits = [self._tagged(e, doc.source) for e in self.self_edit_sequences(doc)]
-        chunks = [
-            encode_weighted(
-                self._tagged(chunk, doc.source), self.tokenizer, self.weighter, s.max_doc_tokens
-            )
-            for chunk in split_text(doc.text, s.chunk_chars)
+        edits = self.self_edit_sequences(doc)
+        own = self._lesson(doc.text, doc.source, edits, trust)
+        earlier = [
+            self._lesson(e.text, e.source, e.edits, e.trust)
+            for e in self.memory.choose(doc.id, s.rehearse)
         ]
-        chunks = [c for c in chunks if c.num_tokens >= 2]
-        edit_tokens = self._tokens(edits)
         reports: list[StepReport] = []
         tokens = 0
         for _ in range(s.epochs):
-            for weighted in chunks:
-                steps = apply_trusted(self.updater, [weighted], trust)
-                tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
-                reports += steps
-            if edits:
-                steps = apply_with_self_edits(
-                    self.updater,
-                    self.tokenizer,
-                    self.weighter,
-                    edits,
-                    trust=trust,
-                    max_length=s.max_doc_tokens,
-                )
-                tokens += edit_tokens if any(r.applied for r in steps) else 0
-                reports += steps
+            steps, trained = self._pass(own)
+            reports += steps
+            tokens += trained
+            with self.updater.unrecorded():
+                for lesson in earlier:
+                    self._pass(lesson)
         applied = any(r.applied for r in reports)
         reasons = [r.reason for r in reports if not r.applied and r.reason]
-        return IngestResult(
+        result = IngestResult(
             applied or not reasons,  # nothing long enough to learn from is a no-op, not a failure
             tokens,
             "; ".join(reasons) or None,
             trust=trust,
-            sequences=len(chunks) + len(edits),
-            self_edit_sequences=len(edits),
+            sequences=len(own.chunks) + len(own.edits),
+            self_edit_sequences=len(own.edits),
+            rehearsed=len(earlier) if s.rehearse else None,
         )
+        if result.applied:
+            self.remember(doc, trust, edits)
+        return result
+
+    def remember(self, doc: Document, trust: float, edits: Sequence[str] | None = None) -> None:
+        """Keep the document for rehearsal (a no-op without it), with its self-edit sequences
+        (`edits`, else those `self_edit_sequences` gives). Best-of-k calls it for the candidate
+        it kept, since every candidate was remembered as it was learned."""
+        if self.memory.window and trust > 0.0:
+            kept = self.self_edit_sequences(doc) if edits is None else edits
+            self.memory.remember(
+                Remembered(doc.id, doc.text, doc.title, doc.source, trust, tuple(kept))
+            )
+
+    def _lesson(self, text: str, source: str | None, edits: Sequence[str], trust: float) -> _Lesson:
+        """The text's weighted chunks (those long enough to learn from) and the self-edit
+        sequences, tagged with their source when the settings tag."""
+        s = self.settings
+        chunks = [
+            encode_weighted(
+                self._tagged(chunk, source), self.tokenizer, self.weighter, s.max_doc_tokens
+            )
+            for chunk in split_text(text, s.chunk_chars)
+        ]
+        tagged = [self._tagged(e, source) for e in edits]
+        return _Lesson(
+            [c for c in chunks if c.num_tokens >= 2], tagged, self._tokens(tagged), trust
+        )
+
+    def _pass(self, lesson: _Lesson) -> tuple[list[StepReport], int]:
+        """One pass over a document: a step per chunk, then its self-edits in micro-batches;
+        the reports, and the tokens of what was learned."""
+        reports: list[StepReport] = []
+        tokens = 0
+        for weighted in lesson.chunks:
+            steps = apply_trusted(self.updater, [weighted], lesson.trust)
+            tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
+            reports += steps
+        if lesson.edits:
+            steps = apply_with_self_edits(
+                self.updater,
+                self.tokenizer,
+                self.weighter,
+                lesson.edits,
+                trust=lesson.trust,
+                max_length=self.settings.max_doc_tokens,
+            )
+            tokens += lesson.edit_tokens if any(r.applied for r in steps) else 0
+            reports += steps
+        return reports, tokens
 
     def self_edit_sequences(self, doc: Document) -> list[str]:
         """The document's self-edits as training sequences: parsed from those it came with,
@@ -269,7 +330,7 @@ class Learner:
         if passage is None:
             log.warning("learner: no room to write self-edits for %s; learning its text", doc.id)
             return []
-        with seeded(_seed_of(doc.id)), self.model.disable_adapter():
+        with seeded(doc_seed(doc.id)), self.model.disable_adapter():
             return generate_self_edits(
                 self.model,
                 self.tokenizer,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,6 +108,7 @@ class OnlineUpdater:
         self._recent: deque[float] = deque(maxlen=self.config.divergence_window)
         self.steps_applied = 0
         self.steps_rolled_back = 0
+        self._recording = True
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +129,21 @@ class OnlineUpdater:
         steps see text already partly learned, and with many steps per document their low
         losses would make the next new document look exploded.
         """
-        return [self.step(docs, scale, record=i == 0) for i in range(self.config.steps_per_doc)]
+        return [
+            self.step(docs, scale, record=i == 0 and self._recording)
+            for i in range(self.config.steps_per_doc)
+        ]
+
+    @contextmanager
+    def unrecorded(self) -> Iterator[None]:
+        """Steps taken inside leave the explosion check's record of typical losses alone: a
+        rehearsed document was learned before, and its low loss would make the next new
+        document look exploded."""
+        self._recording = False
+        try:
+            yield
+        finally:
+            self._recording = True
 
     def step(self, docs: list[WeightedText], scale: float = 1.0, record: bool = True) -> StepReport:
         was_training = self.model.training

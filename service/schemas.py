@@ -18,6 +18,8 @@ from pydantic import (
 from adaptation.trust import check_weight
 from service.documents import Status
 from service.settings import (
+    MAX_REHEARSAL_WINDOW,
+    MAX_REHEARSE,
     MAX_SELF_EDITS,
     NAMESPACE_PATTERN,
     Mode,
@@ -319,6 +321,17 @@ class NamespaceConfig(BaseModel):
         "its document's source, so the model can learn which tags to believe",
     )
 
+    rehearse: Annotated[int, Field(ge=0, le=MAX_REHEARSE), NOT_BOOL] | None = Field(
+        default=None,
+        description="modes lora and seal: earlier documents learned again with each new one, "
+        "so later documents do not overwrite them (0: off)",
+    )
+    rehearsal_window: Annotated[int, Field(ge=1, le=MAX_REHEARSAL_WINDOW), NOT_BOOL] | None = Field(
+        default=None,
+        description="modes lora and seal: the most recent learned documents rehearsal draws "
+        "from; their texts are kept in every snapshot",
+    )
+
     def apply(self, settings: Settings) -> Settings:
         """The service settings with this namespace's choices in place."""
         return settings.model_copy(update=self.model_dump(exclude={"probes"}, exclude_none=True))
@@ -339,6 +352,8 @@ class EffectiveSettings(BaseModel):
     self_edit_tokens: int
     default_trust: float
     source_tags: bool
+    rehearse: int
+    rehearsal_window: int
 
 
 OperationName = Literal["configure", "rollback", "forget"]

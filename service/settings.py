@@ -22,6 +22,9 @@ Strategy = Literal["uniform", "salient", "tfidf", "camels"]
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 # Self-edits a document may carry, and a seal-mode worker may write per document.
 MAX_SELF_EDITS = 16
+# Rehearsal's bounds: steps per document, and documents (texts) kept in every snapshot.
+MAX_REHEARSE = 64
+MAX_REHEARSAL_WINDOW = 1024
 
 
 def _named_prompt(name: str) -> str:
@@ -98,6 +101,21 @@ class Settings(BaseSettings):
     source_tags: bool = Field(
         default=False,
         description="experimental (IML): prefix every training sequence with its source's tag",
+    )
+
+    # Rehearsal (modes lora and seal): earlier documents learned again, so later ones do not
+    # overwrite them; their texts ride in each snapshot.
+    rehearse: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_REHEARSE,
+        description="earlier documents learned again with each new one (0: off)",
+    )
+    rehearsal_window: int = Field(
+        default=64,
+        ge=1,
+        le=MAX_REHEARSAL_WINDOW,
+        description="the most recent learned documents rehearsal draws from",
     )
 
     # Update guard: a version whose probe F1 falls by more than this is held back.

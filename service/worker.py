@@ -405,6 +405,9 @@ class Worker:
             info["self_edit_tokens"] = st.settings.self_edit_tokens
         if st.settings.source_tags:
             info["source_tags"] = True
+        if st.settings.rehearse:
+            info["rehearse"] = st.settings.rehearse
+            info["rehearsal_window"] = st.settings.rehearsal_window
         info.update((key, value) for key, value in marks.items() if value is not None)
         try:
             manifest = self.store.write(

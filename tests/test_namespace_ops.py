@@ -57,6 +57,8 @@ def test_namespace_settings_are_validated_stored_and_used_by_the_worker(stack: S
         "self_edit_tokens": 128,
         "default_trust": 1.0,
         "source_tags": False,
+        "rehearse": 0,
+        "rehearsal_window": 64,
     }
     assert [op["operation"] for op in out["pending_operations"]] == ["configure"]
 

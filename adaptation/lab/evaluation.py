@@ -144,7 +144,8 @@ class LoraMethod(BaseMethod):
 
     def reset(self) -> None:
         """Back to the state of the first reset, which the single protocol calls before any
-        document is learned: the fresh adapter and optimizer."""
+        document is learned: the fresh adapter and optimizer, and nothing to rehearse."""
+        self.learner.memory.clear()
         updater = self.learner.updater
         if self._fresh is None:
             self._fresh = updater.snapshot()
@@ -199,7 +200,10 @@ class SealMethod(LoraMethod):
             max_new_tokens=self.max_new_tokens,
         )
         self.choices.append(choice)
-        return choice.results[choice.chosen]
+        kept = choice.results[choice.chosen]
+        if kept.applied:  # each candidate was remembered as learned: keep the winner's self-edit
+            self.learner.remember(replace(doc, self_edits=(gens[choice.chosen],)), trust)
+        return kept
 
     def probes(self, doc: Document) -> list[QA]:
         """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
@@ -852,7 +856,8 @@ def _trained_part(cfg: dict) -> str:
 
 def _protocol_text(report: dict) -> str:
     cfg = report["config"]
-    epochs = cfg["learning"]["epochs"]
+    learning = cfg["learning"]
+    epochs = learning["epochs"]
     passes = f"{epochs} pass{'es' if epochs != 1 else ''} over its training sequences"
     if report["protocol"] == "single":
         return (
@@ -866,7 +871,17 @@ def _protocol_text(report: dict) -> str:
     return (
         f"Protocol stream: one adapter (or store) reads the {report['documents']} documents "
         f"once, in order ({passes} each), and is asked all their questions closed-book at the "
-        "end."
+        "end." + _rehearsal_text(learning)
+    )
+
+
+def _rehearsal_text(learning: dict) -> str:
+    """Rehearsal in the stream protocol (in the single one there is nothing earlier to rehearse)."""
+    if not learning.get("rehearse"):
+        return ""
+    return (
+        f" Rehearsal: every pass over a document is followed by one over {learning['rehearse']} "
+        f"earlier documents, drawn from the last {learning['rehearsal_window']} learned."
     )
 
 

@@ -1,6 +1,7 @@
 """Modes lora and seal: each namespace trains its own LoRA adapter on one shared base model, as a
 thin wrapper over the learning core's `Learner`, which `uptake eval` learns through too; seal
-also has the base write self-edits for documents sent without any."""
+also has the base write self-edits for documents sent without any. A snapshot holds the adapter,
+the optimizer state and, with rehearsal on, the learner's memory of the documents it learned."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from adaptation.weighting.base import Weighter
 from service.settings import Settings
 
 OPTIMIZER_FILE = "optimizer.pt"
+# The rehearsal memory: the documents the lineage learned last, so a restored version (a
+# restart, a rollback, a forget's parent) rehearses exactly what its lineage would have.
+REHEARSAL_FILE = "rehearsal.jsonl"
 # A fresh adapter always starts from this seed, so a replay from version 0 (forgetting a
 # lineage's first document) starts where the lineage did.
 LORA_SEED = 0
@@ -43,6 +47,8 @@ def learn_settings(settings: Settings) -> LearnSettings:
         max_doc_tokens=settings.max_doc_tokens,
         tag_salt="" if settings.source_tags else None,
         write=write,
+        rehearse=settings.rehearse,
+        rehearsal_window=settings.rehearsal_window,
     )
 
 
@@ -106,6 +112,9 @@ class LoraBackend:
                 snapshot / OPTIMIZER_FILE, map_location=updater.device, weights_only=True
             )
             updater.load_state_dict(state)
+            memory = self.learner.memory
+            if memory.window and (snapshot / REHEARSAL_FILE).is_file():
+                memory.load(snapshot / REHEARSAL_FILE)
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.model.set_adapter(self.name)
@@ -129,6 +138,8 @@ class LoraBackend:
     def write_state(self, directory: Path) -> None:
         save_adapter(self.model, directory, adapter_name=self.name)
         torch.save(self.learner.updater.state_dict(), directory / OPTIMIZER_FILE)
+        if len(self.learner.memory):
+            self.learner.memory.save(directory / REHEARSAL_FILE)
 
     def close(self) -> None:
         self.model.delete_adapter(self.name)

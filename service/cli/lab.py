@@ -16,6 +16,7 @@ from adaptation.bases import DEFAULT_BASE
 from service.cli.options import (
     add_options,
     at_least_one,
+    at_least_zero,
     config_values,
     floats,
     ints,
@@ -29,6 +30,30 @@ if TYPE_CHECKING:
     from adaptation.lab.camels_training import MetaTrainConfig
 
 
+# How the eval's gradient strategies learn a document: fields of the learner's LearnSettings,
+# whose defaults (the service's) hold for those not given.
+LEARN_OPTIONS = (
+    opt(
+        "--epochs",
+        "passes over each document's training sequences (its text's chunks, plus its "
+        "self-edits for seal), in either protocol (default: %(default)s)",
+        type=at_least_one,
+        default=1,
+    ),
+    opt(
+        "--rehearse",
+        "earlier documents learned again with each new one, as the worker's UPTAKE_REHEARSE "
+        "(default: %(default)s, none)",
+        type=at_least_zero,
+        default=0,
+    ),
+    opt(
+        "--rehearsal-window",
+        "how many of the most recent earlier documents rehearsal draws from, as the worker's "
+        "UPTAKE_REHEARSAL_WINDOW (default: the same)",
+        type=at_least_one,
+    ),
+)
 EVAL_OPTIONS = (
     opt("--data", "JSONL stream or SQuAD-style JSON", to=None, required=True),
     opt(
@@ -39,14 +64,6 @@ EVAL_OPTIONS = (
         "the mean over documents (default: %(default)s)",
         choices=["stream", "single"],
         default="stream",
-    ),
-    opt(
-        "--epochs",
-        "passes over each document's training sequences (its text's chunks, plus its "
-        "self-edits for seal), in either protocol (default: %(default)s)",
-        to=None,
-        type=at_least_one,
-        default=1,
     ),
     opt(
         "--model",
@@ -349,7 +366,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "answer in the answer's first sentence), on retention questions, and in context on "
         "--reading passages. Writes report.json, report.md and uptake.png to --out.",
     )
-    add_options(p, EVAL_OPTIONS)
+    add_options(p, (*EVAL_OPTIONS, *LEARN_OPTIONS))
     p.set_defaults(handler=_run_eval)
 
 
@@ -365,7 +382,10 @@ def _run_eval(args: argparse.Namespace) -> int:
             alpha=args.lora_alpha,
             target_modules=args.lora_targets or DEFAULT_TARGET_MODULES,
         ),
-        learning=LearnSettings(tag_salt="" if args.source_tags else None, epochs=args.epochs),
+        learning=LearnSettings(
+            tag_salt="" if args.source_tags else None,
+            **config_values(args, LEARN_OPTIONS, given_only=True),
+        ),
         seeds=(args.seed,) if args.seed is not None else args.seeds,
     )
     model = args.model or DEFAULT_BASE

@@ -61,9 +61,17 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def at_least_one(text: str) -> int:
+    return _at_least(text, 1)
+
+
+def at_least_zero(text: str) -> int:
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, least: int) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
 
 

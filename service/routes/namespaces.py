@@ -174,6 +174,8 @@ def _namespace(s: Services, namespace: str) -> NamespaceOut:
             self_edit_tokens=effective.self_edit_tokens,
             default_trust=effective.default_trust,
             source_tags=effective.source_tags,
+            rehearse=effective.rehearse,
+            rehearsal_window=effective.rehearsal_window,
         ),
         published_version=int(s.redis.get(s.keys.version(namespace)) or 0),
         pending_operations=s.namespaces.pending(namespace),
