@@ -17,10 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adaptation.data import QA
 from adaptation.modeling import seeded
 from adaptation.prompts import (
-    DEFAULT_SELF_EDIT_PROMPT,
     end_token_ids,
     read_qa_text,
-    self_edit_request,
 )
 from adaptation.self_edit_cache import SelfEditCache, model_identity
 from adaptation.trust import apply_trusted
@@ -137,26 +135,6 @@ def sample_generations(
     finally:
         model.train(was_training)
     return tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
-
-
-def generate_self_edits(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    title: str | None,
-    passage: str,
-    k: int = 1,
-    prompt: str = DEFAULT_SELF_EDIT_PROMPT,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-) -> list[list[str]]:
-    """k self-edits, each already split into training sequences (one list per generation).
-
-    The model writes them as it is: to write with the unadapted base, call inside a PeftModel's
-    `disable_adapter()` context.
-    """
-    text = self_edit_request(tokenizer, prompt, title, passage)
-    gens = sample_generations(model, tokenizer, text, k, max_new_tokens, temperature)
-    return [parse_self_edits(g) for g in gens]
 
 
 def write_generations(
