@@ -13,21 +13,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.data import Document
-from adaptation.modeling import LoraSettings, attach_lora, context_window, lora_config, seeded
+from adaptation.modeling import (
+    LoraSettings,
+    attach_lora,
+    context_window,
+    lora_config,
+    seeded,
+    without_adapters,
+)
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, self_edit_request
 from adaptation.rehearsal import RehearsalMemory, Remembered, doc_seed
 from adaptation.self_edit import (
     apply_with_self_edits,
-    generate_self_edits,
     parse_self_edits,
     training_sequences,
+    write_generations,
 )
+from adaptation.self_edit_cache import SelfEditCache
 from adaptation.trust import apply_trusted, tag_text
 from adaptation.updater import OnlineUpdater, StepReport, UpdateConfig
 from adaptation.weighting.base import WeightedText, Weighter, encode_weighted
@@ -78,6 +87,7 @@ class SelfEditWriting:
     k: int = 1
     prompt: str = DEFAULT_SELF_EDIT_PROMPT
     max_new_tokens: int = 128
+    cache_dir: Path | None = None  # None: written anew each time (see adaptation.self_edit_cache)
 
 
 @dataclass(frozen=True)
@@ -285,11 +295,12 @@ class Learner:
         """The document's self-edits as training sequences: parsed from those it came with,
         else (when writing) those the base writes now."""
         if doc.self_edits:
-            edits = [e for raw in doc.self_edits for e in parse_self_edits(raw)]
+            raw: Sequence[str] = doc.self_edits
         elif self.settings.write is not None:
-            edits = [e for written in self._write_self_edits(doc) for e in written]
+            raw = self.written_self_edits(doc, self.settings.write)
         else:
             return []
+        edits = [e for g in raw for e in parse_self_edits(g)]
         return edit_sequences(doc, edits, self.settings.chunk_chars)
 
     def memory_bytes(self) -> int:
@@ -312,14 +323,13 @@ class Learner:
         )["input_ids"]
         return sum(len(i) for i in ids)
 
-    def _write_self_edits(self, doc: Document) -> list[list[str]]:
-        """`k` self-edits written by the bare base (no adapter, so what is written does not
-        depend on what has been learned) and sampled with a seed from the document's id, so a
-        forget's replay writes the same ones. The prompt holds as much of the text as fits in
+    def written_self_edits(self, doc: Document, write: SelfEditWriting) -> list[str]:
+        """`write.k` self-edits (raw generations, parsed as supplied ones are) written by the
+        bare base, so what is written does not depend on what has been learned, and sampled with
+        a seed from the document's id, so a forget's replay writes the same ones; read back from
+        `write.cache_dir` when it holds them. The prompt holds as much of the text as fits in
         the context beside the new tokens."""
-        write = self.settings.write
-        assert write is not None and isinstance(self.model, PeftModel)
-        limit = context_window(self.model.get_base_model())
+        limit = context_window(self.model)
         passage = (
             doc.text
             if limit is None
@@ -330,13 +340,17 @@ class Learner:
         if passage is None:
             log.warning("learner: no room to write self-edits for %s; learning its text", doc.id)
             return []
-        with seeded(doc_seed(doc.id)), self.model.disable_adapter():
-            return generate_self_edits(
+        request = self_edit_request(self.tokenizer, write.prompt, doc.title, passage)
+        cache = SelfEditCache(write.cache_dir) if write.cache_dir is not None else None
+        with without_adapters(self.model):
+            return write_generations(
                 self.model,
                 self.tokenizer,
-                doc.title,
-                passage,
-                k=write.k,
+                request,
+                write.k,
+                write.max_new_tokens,
+                doc_seed(doc.id),
+                cache,
                 prompt=write.prompt,
-                max_new_tokens=write.max_new_tokens,
+                title=doc.title,
             )

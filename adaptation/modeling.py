@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +144,13 @@ def attach_lora(
     return get_peft_model(
         model, lora_config(model, settings or LoraSettings()), adapter_name=adapter_name
     )
+
+
+def without_adapters(model: torch.nn.Module) -> AbstractContextManager[object]:
+    """A block in which the model is its bare base (a PeftModel's adapters off); a model without
+    adapters is itself. The base writes self-edits and probes, so they do not depend on what has
+    been learned."""
+    return model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

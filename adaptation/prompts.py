@@ -51,6 +51,14 @@ SELF_EDIT_PROMPTS: dict[str, str] = {
     ),
 }
 DEFAULT_SELF_EDIT_PROMPT = "implications"
+# Probe questions for best-of-k: the model asks about the document, never seeing its gold
+# questions; {n} is filled in by `probe_template`, the rest as a self-edit prompt's.
+PROBE_QUESTIONS = (
+    "Write {n} different questions about the passage below. Each question asks for one fact "
+    "the passage states (a name, a number, a date or a place) and names who or what it is "
+    "about, so that it can be understood without the passage. Write one question per line, "
+    "numbered, without answers.\n\nPassage:\n{title}\n{passage}\n\nQuestions:\n"
+)
 
 
 class Message(TypedDict):
@@ -182,6 +190,14 @@ def self_edit_request(
 ) -> str:
     """A self-edit request as model input."""
     return instruction_prompt(tokenizer, self_edit_prompt(prompt, title, passage))
+
+
+def probe_template(n: int) -> str:
+    """The probe-question request for n questions, a template with {title}/{passage} as
+    `self_edit_prompt` takes (so `self_edit_request` renders it and passages are fitted alike)."""
+    if n < 1:
+        raise ValueError(f"ask for at least one probe question, got {n}")
+    return PROBE_QUESTIONS.replace("{n}", str(n))
 
 
 def instruction_prompt(tokenizer: PreTrainedTokenizerBase, request: str) -> str:

@@ -15,12 +15,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.data import QA
+from adaptation.modeling import seeded
 from adaptation.prompts import (
-    DEFAULT_SELF_EDIT_PROMPT,
     end_token_ids,
     read_qa_text,
-    self_edit_request,
 )
+from adaptation.self_edit_cache import SelfEditCache, model_identity
 from adaptation.trust import apply_trusted
 from adaptation.updater import OnlineUpdater, StepReport
 from adaptation.weighting.base import Weighter, encode_weighted
@@ -137,24 +137,37 @@ def sample_generations(
     return tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
 
 
-def generate_self_edits(
+def write_generations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    title: str | None,
-    passage: str,
-    k: int = 1,
-    prompt: str = DEFAULT_SELF_EDIT_PROMPT,
-    max_new_tokens: int = 256,
+    request: str,
+    k: int,
+    max_new_tokens: int,
+    seed: int,
+    cache: SelfEditCache | None = None,
     temperature: float = 1.0,
-) -> list[list[str]]:
-    """k self-edits, each already split into training sequences (one list per generation).
+    **about: str | None,
+) -> list[str]:
+    """k generations for a rendered request, sampled on generators seeded with `seed` (so the
+    same request and seed always write the same ones), or read back from `cache`, keyed by all
+    that decides them. `about` (the prompt's name, the title) is stored beside them for people."""
 
-    The model writes them as it is: to write with the unadapted base, call inside a PeftModel's
-    `disable_adapter()` context.
-    """
-    text = self_edit_request(tokenizer, prompt, title, passage)
-    gens = sample_generations(model, tokenizer, text, k, max_new_tokens, temperature)
-    return [parse_self_edits(g) for g in gens]
+    def write() -> list[str]:
+        with seeded(seed):
+            return sample_generations(model, tokenizer, request, k, max_new_tokens, temperature)
+
+    if cache is None:
+        return write()
+    parts = {
+        "model": model_identity(model),
+        "request": request,
+        "k": k,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        **about,
+    }
+    return cache.get_or_write(parts, write, **about)
 
 
 def parse_qa_pairs(generated: str) -> list[QA]:

@@ -92,6 +92,21 @@ class Settings(BaseSettings):
     self_edit_tokens: int = Field(
         default=128, ge=1, le=4096, description="most new tokens in one written self-edit"
     )
+    self_edit_best_of: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SELF_EDITS,
+        description="mode seal, above 1: the base writes this many self-edits for a document "
+        "sent without any, each is learned from the same state and scored on probe questions "
+        "the base writes and answers in context, and only the best is kept (self_edit_k unused)",
+    )
+    self_edit_cache: Path | None = Field(
+        default=None,
+        description="mode seal: keep written self-edits and probe questions here, keyed by a "
+        "hash of the base, prompt, settings and document, so a replay reads them back; unset: "
+        "written anew (seeded, so the same), and nothing derived from a forgotten document "
+        "stays on disk",
+    )
     default_trust: float = Field(
         default=1.0,
         ge=0,

@@ -403,6 +403,8 @@ class Worker:
             info["self_edit_k"] = st.settings.self_edit_k
             info["self_edit_prompt"] = st.settings.self_edit_prompt
             info["self_edit_tokens"] = st.settings.self_edit_tokens
+            if st.settings.self_edit_best_of > 1:
+                info["self_edit_best_of"] = st.settings.self_edit_best_of
         if st.settings.source_tags:
             info["source_tags"] = True
         if st.settings.rehearse:

@@ -7,13 +7,13 @@ import torch
 from adaptation.data import QA, Document
 from adaptation.learner import edit_sequences
 from adaptation.modeling import LoraSettings, attach_lora, load_base
-from adaptation.prompts import SELF_EDIT_PROMPTS, self_edit_prompt
+from adaptation.prompts import SELF_EDIT_PROMPTS, self_edit_prompt, self_edit_request
 from adaptation.self_edit import (
     apply_with_self_edits,
-    generate_self_edits,
     parse_qa_pairs,
     parse_self_edits,
     training_sequences,
+    write_generations,
 )
 from adaptation.updater import OnlineUpdater, UpdateConfig
 from adaptation.weighting import UniformWeighter, encode_weighted
@@ -144,15 +144,14 @@ def test_prompts_render_and_unknown_names_are_rejected() -> None:
         self_edit_prompt("implication", "t", "p")
 
 
-def test_generate_self_edits_samples_k_parsed_generations(tiny_model_dir: Path) -> None:
+def test_written_generations_are_k_samples_the_seed_repeats(tiny_model_dir: Path) -> None:
     model, tok = load_base(tiny_model_dir, device="cpu")
-    torch.manual_seed(0)
-    edits = generate_self_edits(
-        model, tok, "Alda Venn", "Alda Venn was born in 1961.", k=3, max_new_tokens=40
-    )
-    assert len(edits) == 3
-    assert all(isinstance(e, list) and all(isinstance(s, str) for s in e) for e in edits)
-    assert edits[0] != edits[1] or edits[1] != edits[2], "sampling should vary the generations"
+    request = self_edit_request(tok, "implications", "Alda Venn", "Alda Venn was born in 1961.")
+    gens = write_generations(model, tok, request, k=3, max_new_tokens=40, seed=7)
+    assert len(gens) == 3 and all(isinstance(g, str) for g in gens)
+    assert gens[0] != gens[1] or gens[1] != gens[2], "sampling should vary the generations"
+    assert write_generations(model, tok, request, k=3, max_new_tokens=40, seed=7) == gens
+    assert write_generations(model, tok, request, k=3, max_new_tokens=40, seed=8) != gens
 
 
 def test_apply_masks_padding_loss_is_mean_of_lone_losses(tiny_model_dir: Path) -> None:

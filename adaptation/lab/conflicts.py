@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adaptation.best_of_k import answer_nll
 from adaptation.data import QA, Document, write_documents
-from adaptation.lab.best_of_k import answer_nll
 from adaptation.lab.world import HEADLINES, PERSON_FACTS, ROLES, Person, World, WorldConfig
 from adaptation.metrics import best_f1
 

@@ -20,25 +20,34 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
 
 from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
+from adaptation.best_of_k import BestOfK, Scoring, learn_best_of, write_probes
 from adaptation.data import QA, Document, all_questions, read_documents
-from adaptation.lab.best_of_k import BestOfK, best_of_k, correlation, generate_probes
+from adaptation.lab.probe_agreement import correlation
 from adaptation.lab.retrieval import Retriever, as_context
-from adaptation.learner import IngestResult, Learner, LearnSettings, fresh_adapter
+from adaptation.learner import (
+    IngestResult,
+    Learner,
+    LearnSettings,
+    SelfEditWriting,
+    fresh_adapter,
+)
 from adaptation.metrics import score
-from adaptation.modeling import LoraSettings, load_base
+from adaptation.modeling import LoraSettings, load_base, without_adapters
+from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT
+from adaptation.self_edit_cache import SelfEditCache, default_cache_dir
 from adaptation.trust import SourceTrust
 from adaptation.updater import UpdateConfig, UpdaterSnapshot
 from adaptation.weighting import Weighter, make_weighter
 
 UPDATE_STRATEGIES = ("uniform", "salient", "tfidf", "camels", "seal", "seal-best")
 EvalProtocol = Literal["stream", "single"]
+SelfEditSource = Literal["own", "supplied"]
 
 
 @dataclass
@@ -69,6 +78,13 @@ class EvalConfig:
     tuned: dict[str, tuple[float, int]] = field(default_factory=dict)
     trust: dict[str, float] = field(default_factory=dict)
     best_of_k: int = 3
+    # seal's self-edits: the documents' own (or the paraphraser's, for a world article), or
+    # written by the base (own); None: supplied where a document carries any, else own.
+    self_edits: SelfEditSource | None = None
+    self_edit_prompt: str | None = None  # None: the service's default prompt
+    self_edit_k: int = 1
+    self_edit_tokens: int = 128
+    self_edit_cache: bool = True  # written self-edits and probes kept under UPTAKE_HOME
 
 
 class BaseMethod:
@@ -156,13 +172,14 @@ class LoraMethod(BaseMethod):
 class SealMethod(LoraMethod):
     """SEAL-style updates: the learner learns the document with its self-edits.
 
-    Self-edits come with the document (e.g. the Qwen rewrites in shared/data) or, for knowledge-
-    world documents, from the template paraphraser standing in for a capable model. Its QA lines
-    are left out, since they would reuse the world's own question phrasings.
+    Self-edits are supplied with the document (e.g. the Qwen rewrites in shared/data), come from
+    the template paraphraser for a knowledge-world document (standing in for a capable model;
+    its QA lines are left out, since they would reuse the world's own question phrasings), or
+    are written by the bare base (`own`, through the learner's own writing, cached).
 
     With `best_of_k` > 1 (the `seal-best` strategy), each self-edit is a candidate: the document
     is learned with each one from the same state, scored on probe questions, and the best kept
-    (`adaptation.lab.best_of_k`). Each candidate is also scored on the document's gold questions, so
+    (`adaptation.best_of_k`). Each candidate is also scored on the document's gold questions, so
     the report can say how well probes stand in.
     """
 
@@ -172,43 +189,54 @@ class SealMethod(LoraMethod):
         super().__init__(model_dir, make_weighter("uniform"), cfg, lr, seed)
         self.name = "seal" if best_of_k < 2 else "seal-best"
         self.best_of_k = best_of_k
+        self.source = cfg.self_edits
+        self.cache = SelfEditCache(default_cache_dir()) if cfg.self_edit_cache else None
+        self.writing = SelfEditWriting(
+            max(cfg.self_edit_k, best_of_k),
+            cfg.self_edit_prompt or DEFAULT_SELF_EDIT_PROMPT,
+            cfg.self_edit_tokens,
+            self.cache.directory if self.cache else None,
+        )
         self.choices: list[BestOfK[IngestResult]] = []
 
     def generations(self, doc: Document, k: int) -> tuple[str, ...]:
-        """The document's supplied self-edits, or k from the paraphraser for a world article."""
+        """The document's self-edits: supplied ones, k from the paraphraser for a world
+        article, or those the base writes (own; by default where none is supplied)."""
         from adaptation.lab.paraphrase import paraphrase
 
-        if doc.self_edits:
-            return doc.self_edits
-        return tuple(paraphrase(doc, k=k, qa=False)) if doc.meta.get("entity") else ()
+        if self.source != "own":
+            if doc.self_edits:
+                return doc.self_edits
+            if doc.meta.get("entity"):
+                return tuple(paraphrase(doc, k=k, qa=False))
+            if self.source == "supplied":
+                return ()
+        return tuple(self.learner.written_self_edits(doc, self.writing))
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         gens = self.generations(doc, max(2, self.best_of_k))
         if self.best_of_k < 2 or len(gens) < 2 or not doc.questions:
             return self.learner.learn(replace(doc, self_edits=gens), trust)
-        candidates = [
-            partial(self.learner.learn, replace(doc, self_edits=(g,)), trust)
-            for g in gens[: self.best_of_k]
-        ]
-        choice = best_of_k(
-            self.learner.updater,
-            self.tokenizer,
-            candidates,
-            self.probes(doc),
+        probes, scoring = self.probes(doc)
+        result, choice = learn_best_of(
+            self.learner,
+            doc,
+            gens[: self.best_of_k],
+            trust,
+            probes=probes,
             gold=doc.questions,
-            scoring="nll",
+            scoring=scoring,
             max_new_tokens=self.max_new_tokens,
         )
-        self.choices.append(choice)
-        kept = choice.results[choice.chosen]
-        if kept.applied:  # each candidate was remembered as learned: keep the winner's self-edit
-            self.learner.remember(replace(doc, self_edits=(gens[choice.chosen],)), trust)
-        return kept
+        if choice is not None:
+            self.choices.append(choice)
+        return result
 
-    def probes(self, doc: Document) -> list[QA]:
-        """Probe questions for best-of-k: the paraphraser's self-QA for a world article, asked
-        in other phrasings than the gold questions where the templates allow; otherwise the
-        model's own self-QA."""
+    def probes(self, doc: Document) -> tuple[list[QA], Scoring]:
+        """Probe questions for best-of-k, and how to score candidates on them. A world article
+        gets the paraphraser's self-QA, asked in other phrasings than the gold questions where
+        the templates allow, scored by answer NLL; any other document gets questions the bare
+        base writes and answers with the document in context, scored by F1 (SEAL's reward)."""
         from adaptation.lab.paraphrase import paraphrase
         from adaptation.self_edit import parse_qa_pairs
 
@@ -217,10 +245,12 @@ class SealMethod(LoraMethod):
             pairs = [p for g in paraphrase(doc, k=1, seed=1, qa=True) for p in parse_qa_pairs(g)]
             fresh = [p for p in pairs if p.question not in gold]
             if fresh or pairs:
-                return fresh or pairs
-        return generate_probes(
-            self.model, self.tokenizer, doc.title, doc.text, max_new_tokens=128
-        ) or list(doc.questions[:1])
+                return fresh or pairs, "nll"
+        with without_adapters(self.model):
+            written = write_probes(
+                self.model, self.tokenizer, doc.title, doc.text, cache=self.cache
+            )
+        return written, "f1"
 
     def summary(self) -> dict[str, float]:
         """How well probe scores track gold scores across the candidates, and how often the
@@ -231,7 +261,7 @@ class SealMethod(LoraMethod):
         gold = [s.nll for c in self.choices if c.gold for s in c.gold]
         corr = correlation(probe, gold)
         hits = [
-            c.chosen == min(range(len(c.gold)), key=lambda i: c.gold[i].nll)
+            c.chosen == max(range(len(c.gold)), key=lambda i: c.gold[i].key(c.scoring))
             for c in self.choices
             if c.gold
         ]

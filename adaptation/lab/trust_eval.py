@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from adaptation.best_of_k import answer_nll
 from adaptation.data import QA, Document, all_questions
-from adaptation.lab.best_of_k import answer_nll
 from adaptation.lab.conflicts import (
     ConflictConfig,
     answer_outcomes,

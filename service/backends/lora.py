@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 
 from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
+from adaptation.best_of_k import learn_written_best_of
 from adaptation.data import Document
 from adaptation.learner import (
     IngestResult,
@@ -38,7 +39,12 @@ def learn_settings(settings: Settings) -> LearnSettings:
     """How a namespace learns a document; mode seal also writes self-edits for documents sent
     without any."""
     write = (
-        SelfEditWriting(settings.self_edit_k, settings.self_edit_prompt, settings.self_edit_tokens)
+        SelfEditWriting(
+            settings.self_edit_k,
+            settings.self_edit_prompt,
+            settings.self_edit_tokens,
+            settings.self_edit_cache,
+        )
         if settings.mode == "seal"
         else None
     )
@@ -98,6 +104,7 @@ class LoraBackend:
         self.models = models
         self.model = models.model
         self.name = adapter_name
+        self.best_of = settings.self_edit_best_of if settings.mode == "seal" else 1
         self.model.set_adapter(adapter_name)  # only this adapter's weights are trainable now
         self.learner = Learner(
             self.model,
@@ -118,7 +125,7 @@ class LoraBackend:
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.model.set_adapter(self.name)
-        return self.learner.learn(doc, trust)
+        return learn_written_best_of(self.learner, doc, self.best_of, trust)
 
     def answer(
         self, questions: Sequence[str], contexts: Sequence[str | None] | None = None

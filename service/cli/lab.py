@@ -22,6 +22,7 @@ from service.cli.options import (
     ints,
     names,
     opt,
+    self_edit_prompt_name,
     trust_weights,
 )
 from service.cli.serving import checked_settings
@@ -173,6 +174,39 @@ EVAL_OPTIONS = (
         "scored on probe questions (default 3)",
         type=int,
         default=3,
+    ),
+    opt(
+        "--self-edits",
+        "seal's self-edits: supplied (those the documents carry, e.g. SQuAD-200's Qwen "
+        "rewrites, or the paraphraser's for a world article) or own (written by the base "
+        "with --self-edit-prompt, cached under UPTAKE_HOME/self_edits); default: supplied "
+        "where a document carries any, else own",
+        choices=["own", "supplied"],
+    ),
+    opt(
+        "--self-edit-prompt",
+        "own self-edits: the named prompt the base writes them with (implications, "
+        "long-implications, rewrite, self-qa; default: the service's, UPTAKE_SELF_EDIT_PROMPT's)",
+        type=self_edit_prompt_name,
+    ),
+    opt(
+        "--self-edit-k",
+        "own self-edits the base writes per document for seal (seal-best writes --best-of-k) "
+        "(default: %(default)s)",
+        type=at_least_one,
+        default=1,
+    ),
+    opt(
+        "--self-edit-tokens",
+        "most new tokens in one written self-edit (default: %(default)s)",
+        type=at_least_one,
+        default=128,
+    ),
+    opt(
+        "--no-self-edit-cache",
+        "write own self-edits and probe questions anew instead of reading them back",
+        action="store_false",
+        dest="self_edit_cache",
     ),
     opt(
         "--trust",

@@ -75,6 +75,16 @@ def _at_least(text: str, least: int) -> int:
     return value
 
 
+def self_edit_prompt_name(text: str) -> str:
+    from adaptation.prompts import SELF_EDIT_PROMPTS  # here: it loads torch
+
+    if text not in SELF_EDIT_PROMPTS:
+        raise argparse.ArgumentTypeError(
+            f"unknown self-edit prompt {text!r}; use one of {', '.join(SELF_EDIT_PROMPTS)}"
+        )
+    return text
+
+
 def trust_weights(text: str) -> dict[str, float]:
     from adaptation.trust import SourceTrust
 

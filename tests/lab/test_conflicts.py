@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptation.best_of_k import answer_nll
 from adaptation.data import Document, read_documents
-from adaptation.lab.best_of_k import answer_nll
 from adaptation.lab.conflicts import (
     ConflictConfig,
     ConflictItem,
