@@ -244,3 +244,26 @@ def answer_batch(
 def clean_answer(generated: str) -> str:
     """Cut a generation at the end of its first line: the model's answer stops there."""
     return generated.split(ANSWER_END, 1)[0].strip()
+
+
+class AnswerCut:
+    """`clean_answer` applied while the text arrives: `add` returns the part of the answer that
+    is now certain, so the parts joined equal `clean_answer` of the whole text. Whitespace at the
+    end is held back until text follows it, and nothing after the first line is released."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent = 0
+
+    @property
+    def done(self) -> bool:
+        return ANSWER_END in self._text
+
+    def add(self, piece: str) -> str:
+        if self.done:
+            return ""
+        self._text += piece
+        visible = clean_answer(self._text)
+        delta = visible[self._sent :]
+        self._sent = len(visible)
+        return delta

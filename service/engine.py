@@ -14,12 +14,13 @@ import copy
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from adaptation.answering import generate_answers, generate_batched
 from adaptation.mac.system import MacSystem
@@ -30,6 +31,7 @@ from service.backends.mac import MacModels
 from service.batching import AnswerBatcher
 from service.keys import Keys
 from service.settings import Settings
+from service.streaming import Streamed
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,17 @@ BASE_ADAPTER = "__base__"
 
 class PromptTooLong(ValueError):
     """The prompt alone fills the model's context window."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A generated text, the adapter version that wrote it, and its tokens (what the OpenAI
+    routes report as usage)."""
+
+    text: str
+    version: int
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class ServingEngine:
@@ -114,21 +127,55 @@ class ServingEngine:
         """A closed-book answer in the QA format, and the adapter version it came from.
         Concurrent calls are answered together in micro-batches."""
         prompt = qa_prompt(self._loaded_tokenizer(), question)
-        budget = self._fit_context(prompt, max_new_tokens, "question")
+        budget, _ = self._fit_context(prompt, max_new_tokens, "question")
         return self._batcher.answer(question, namespace, budget)
 
-    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
+    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Reply:
         """The next assistant turn of a conversation, in the base's chat template, to the end of
         its turn or first line."""
         prompt = chat_prompt(self._loaded_tokenizer(), messages)
-        budget = self._fit_context(prompt, max_new_tokens, "conversation")
+        budget, used = self._fit_context(prompt, max_new_tokens, "conversation")
         (text,), version = self._generate(
             namespace,
             lambda model, tok: [
                 clean_answer(t) for t in generate_batched(model, tok, [prompt], budget)
             ],
         )
-        return text, version
+        return Reply(text, version, used, self.count_tokens(text))
+
+    def stream_chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Streamed:
+        """`chat`, handed over piece by piece as it is generated."""
+        prompt = chat_prompt(self._loaded_tokenizer(), messages)
+        budget, used = self._fit_context(prompt, max_new_tokens, "conversation")
+        return self._stream(prompt, namespace, budget, used, cut_at_answer_end=True)
+
+    def stream_complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Streamed:
+        """`complete`, handed over piece by piece as it is generated."""
+        budget, used = self._fit_context(prompt, max_new_tokens, "prompt")
+        return self._stream(prompt, namespace, budget, used, cut_at_answer_end=False)
+
+    def _stream(
+        self, prompt: str, namespace: str, budget: int, used: int, cut_at_answer_end: bool
+    ) -> Streamed:
+        def generate(streamer: TextIteratorStreamer) -> int:
+            _, version = self._generate(
+                namespace,
+                lambda model, tok: generate_batched(
+                    model, tok, [prompt], budget, streamer=streamer
+                ),
+            )
+            return version
+
+        return Streamed(
+            generate, self._loaded_tokenizer(), used, self.count_tokens, cut_at_answer_end
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text`, counted on the request thread's own tokenizer copy."""
+        if self._counter is None:
+            raise RuntimeError("the model is not loaded yet")
+        with self._counter_lock:
+            return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
         """One generate call for questions from any namespaces: peft routes each row through its
@@ -155,14 +202,14 @@ class ServingEngine:
             )
         return [(text, version) for text, (version, _) in zip(texts, served, strict=True)]
 
-    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
+    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Reply:
         """A raw greedy continuation of `prompt` (to the end of its line)."""
-        budget = self._fit_context(prompt, max_new_tokens, "prompt")
+        budget, used = self._fit_context(prompt, max_new_tokens, "prompt")
         (text,), version = self._generate(
             namespace,
             lambda model, tok: generate_batched(model, tok, [prompt], max_new_tokens=budget),
         )
-        return text, version
+        return Reply(text, version, used, self.count_tokens(text))
 
     def _generate(
         self,
@@ -187,21 +234,21 @@ class ServingEngine:
             raise RuntimeError("the model is not loaded yet")
         return self._tokenizer
 
-    def _fit_context(self, prompt: str, max_new_tokens: int, what: str) -> int:
-        """Shorten the answer budget so prompt plus answer fit the model's positions."""
-        if self._base is None or self._counter is None:
+    def _fit_context(self, prompt: str, max_new_tokens: int, what: str) -> tuple[int, int]:
+        """The answer budget, shortened so prompt plus answer fit the model's positions, and the
+        prompt's tokens."""
+        if self._base is None:
             raise RuntimeError("the model is not loaded yet")
+        used = self.count_tokens(prompt)
         limit = context_window(self._base)
         if not limit:
-            return max_new_tokens
-        with self._counter_lock:
-            used = len(self._counter(prompt, add_special_tokens=False)["input_ids"])
+            return max_new_tokens, used
         if used >= limit:
             raise PromptTooLong(
                 f"the {what} takes {used} tokens but the model reads at most {limit}; "
                 f"send a shorter {what}"
             )
-        return min(max_new_tokens, limit - used)
+        return min(max_new_tokens, limit - used), used
 
     def _run(self) -> None:
         try:
@@ -314,16 +361,35 @@ class MacServingEngine(ServingEngine):
                     out[i] = (text, version)
         return out
 
-    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> tuple[str, int]:
+    def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Reply:
         """The bank is read with a question: the last user message is asked."""
-        return self.answer(last_question(messages), namespace, max_new_tokens)
+        question = last_question(messages)
+        text, version = self.answer(question, namespace, max_new_tokens)
+        prompt = qa_prompt(self._loaded_tokenizer(), question)
+        return Reply(text, version, self.count_tokens(prompt), self.count_tokens(text))
 
-    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
-        budget = self._fit_context(prompt, max_new_tokens, "prompt")
+    def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Reply:
+        budget, used = self._fit_context(prompt, max_new_tokens, "prompt")
         with self._lock:
             version, system = self._served(namespace)
             (text,) = system.complete([prompt], budget)
-        return text, version
+        return Reply(text, version, used, self.count_tokens(text))
+
+    def stream_chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Streamed:
+        """A bank answers a batch at a time: the whole reply comes as one piece."""
+        return self._in_one_piece(self.chat(messages, namespace, max_new_tokens))
+
+    def stream_complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Streamed:
+        return self._in_one_piece(self.complete(prompt, namespace, max_new_tokens))
+
+    def _in_one_piece(self, reply: Reply) -> Streamed:
+        def generate(streamer: TextIteratorStreamer) -> int:
+            streamer.on_finalized_text(reply.text, stream_end=True)
+            return reply.version
+
+        return Streamed(
+            generate, self._loaded_tokenizer(), reply.prompt_tokens, self.count_tokens, False
+        )
 
 
 def open_engine(

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
     Tag,
     field_validator,
 )
@@ -461,9 +462,26 @@ class Health(BaseModel):
 # OpenAI-compatible surface: `model` names the namespace whose knowledge answers.
 
 
-class CompletionIn(BaseModel):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = Field(
+        default=False, description="end the stream with a chunk that holds only the usage"
+    )
+
+
+class Streaming(BaseModel):
+    """What a client asks of a streamed reply (OpenAI's `stream` and `stream_options`)."""
+
     model_config = ConfigDict(extra="ignore")  # clients send sampling options we do not use
 
+    stream: StrictBool = Field(
+        default=False, description="answer as server-sent events, one chunk per piece of text"
+    )
+    stream_options: StreamOptions | None = None
+
+
+class CompletionIn(Streaming):
     model: Namespace = "default"
     prompt: str = Field(min_length=1, max_length=16000, pattern=r"\S")
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
@@ -486,9 +504,7 @@ class ChatMessage(BaseModel):
         return _utf8(value, "content")
 
 
-class ChatIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatIn(Streaming):
     model: Namespace = "default"
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int = Field(default=32, ge=1, le=MAX_NEW_TOKENS)
@@ -503,7 +519,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: str = "stop"
+    finish_reason: str | None = "stop"
 
 
 class CompletionOut(BaseModel):
@@ -519,6 +535,41 @@ class CompletionOut(BaseModel):
 class ChatReply(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatChunk(BaseModel):
+    """One server-sent event of a streamed chat reply."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    adapter_version: int | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    adapter_version: int | None = None
 
 
 class ChatChoice(BaseModel):

@@ -20,6 +20,7 @@ from service.errors import unprocessable
 from service.schemas import AnswerIn, AnswerOut
 
 T = TypeVar("T")
+R = TypeVar("R")
 WAIT_POLL_SECONDS = 0.1
 
 router = APIRouter()
@@ -50,16 +51,18 @@ async def answer(s: Svc, body: AnswerIn, access: Reader) -> AnswerOut:
 
 
 async def generate(
-    s: Services, run: Callable[[T, str, int], tuple[str, int]], text: T, ns: str, budget: int
-) -> tuple[str, int]:
-    """Generate off the event loop, timing it; a prompt longer than the model reads is a 422."""
+    s: Services, run: Callable[[T, str, int], R], text: T, ns: str, budget: int, timed: bool = True
+) -> R:
+    """Generate off the event loop, timing it (a stream times itself: here it only starts); a
+    prompt longer than the model reads is a 422."""
     require_model(s.engine)
     started = time.perf_counter()
     try:
         out = await run_in_threadpool(run, text, ns, budget)
     except PromptTooLong as exc:
         raise unprocessable(("body",), str(exc), "too_long") from exc
-    s.metrics.answer_seconds.labels(ns).observe(time.perf_counter() - started)
+    if timed:
+        s.metrics.answer_seconds.labels(ns).observe(time.perf_counter() - started)
     return out
 
 
