@@ -46,10 +46,13 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 32)
     ingest_rate: float = 1.0  # documents per second for the freshness run
     freshness_docs: int = 20
+    streamed: int = 8  # questions asked streamed and whole, one at a time
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(docs=16, questions=32, concurrency=(1, 8), ingest_rate=2.0, freshness_docs=6)
+        return cls(
+            docs=16, questions=32, concurrency=(1, 8), ingest_rate=2.0, freshness_docs=6, streamed=3
+        )
 
 
 def stream_documents(n: int, seed: int = 7) -> list[Document]:
@@ -238,6 +241,37 @@ def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str
     }
 
 
+def streaming(http: httpx.Client, questions: list[str]) -> dict[str, float]:
+    """Each question asked twice through /v1/chat/completions, one at a time: streamed (seconds
+    to the first piece of text, and to the end) and whole (for the same reply)."""
+    firsts, wholes, same = [], [], 0
+    for question in questions:
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 32}
+        started = time.perf_counter()
+        first, pieces = None, []
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                data = line.removeprefix("data: ")
+                if not line.startswith("data: ") or data == "[DONE]":
+                    continue
+                choices = json.loads(data)["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    first = first or time.perf_counter() - started
+                    pieces.append(choices[0]["delta"]["content"])
+        wholes.append(time.perf_counter() - started)
+        firsts.append(first or wholes[-1])
+        reply = http.post("/v1/chat/completions", json=body).json()
+        same += "".join(pieces) == reply["choices"][0]["message"]["content"]
+    return {
+        "questions": len(questions),
+        "first_piece_p50_seconds": statistics.median(firsts),
+        "whole_p50_seconds": statistics.median(wholes),
+        "whole_over_first": statistics.median(wholes) / statistics.median(firsts),
+        "joined_equals_unstreamed": same / len(questions),
+    }
+
+
 # The whole run.
 
 
@@ -344,6 +378,8 @@ def run_bench(
                 row = http_answering(http, questions, clients)
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
+            log("(e) streamed chat: first piece against the whole reply")
+            report["streaming"] = streaming(http, questions[: cfg.streamed])
         _per_mode(settings, Path(tmp), docs, texts, cfg, mac_dir, report, log)
         stale = list(client.scan_iter(f"{settings.redis_prefix}*", count=500))
         if stale:
@@ -413,6 +449,14 @@ def bench_markdown(report: dict) -> str:
             / report["ingest"]["mac"]["seconds_per_document"]
         )
         lines.append(f"\nmac ingests a document **{speedup:.1f}×** as fast as a lora update.")
+    if "streaming" in report:
+        st = report["streaming"]
+        lines.append(
+            f"\n(e) streamed chat, {st['questions']} questions one at a time: the first piece of "
+            f"text after {st['first_piece_p50_seconds']:.3f} s (p50), the whole reply after "
+            f"{st['whole_p50_seconds']:.3f} s: **{st['whole_over_first']:.1f}×** sooner; the "
+            f"pieces joined equal the unstreamed reply for {st['joined_equals_unstreamed']:.0%}."
+        )
     for mode, why in report.get("modes_not_measured", {}).items():
         lines.append(f"\nNot measured: `{mode}`: {why}.")
     return "\n".join(lines) + "\n"

@@ -46,6 +46,9 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
         fresh = report["freshness"][mode]
         assert fresh["documents"] == fresh["documents_applied"] == 6, mode  # none skipped
     assert "modes_not_measured" not in report
+    streamed = report["streaming"]
+    assert streamed["questions"] == 3 and streamed["joined_equals_unstreamed"] == 1.0
+    assert streamed["whole_p50_seconds"] >= streamed["first_piece_p50_seconds"] > 0
     assert report["ingest"]["lora"]["documents"] == 16 + 2
     assert f"uptake bench --quick --mac {tiny_mac_dir}" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 0
