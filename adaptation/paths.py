@@ -24,6 +24,17 @@ def demo_weighter_dir(quick: bool = False) -> Path:
     return uptake_home() / ("camels-quick" if quick else "camels")
 
 
+def base_weighter_dir(base: str) -> Path:
+    """Where `UPTAKE_STRATEGY=camels` looks for the weighting model meta-trained against a
+    packaged base (named canonically) when UPTAKE_WEIGHTER is unset."""
+    return uptake_home() / f"camels-{base}"
+
+
+def squad_split_dir() -> Path:
+    """Where the build command of a packaged base's weighting model reads the SQuAD split."""
+    return uptake_home() / "squad-split"
+
+
 def demo_mac_dir(quick: bool = False) -> Path:
     return uptake_home() / ("mac-quick" if quick else "mac")
 

@@ -10,10 +10,18 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, require_package
+from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, packaged_base, require_package
 from adaptation.mac.system import CONFIG as MAC_CONFIG
 from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
-from adaptation.paths import demo_mac_dir, demo_model_dir, demo_weighter_dir, uptake_home
+from adaptation.paths import (
+    base_weighter_dir,
+    demo_mac_dir,
+    demo_model_dir,
+    demo_weighter_dir,
+    demo_world_dir,
+    squad_split_dir,
+    uptake_home,
+)
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT, SELF_EDIT_PROMPTS
 from adaptation.updater import UpdateConfig
 
@@ -43,6 +51,22 @@ SelfEditPrompt = Annotated[
 
 class ConfigError(ValueError):
     """Settings a service process cannot start with; the message says what to set."""
+
+
+def camels_build(base: str) -> str:
+    """What to run to build the weighting model `UPTAKE_STRATEGY=camels` reads for a packaged base
+    by default: the meta-training command (a body of the base's first layers, the worker's own
+    update, a step budget) and the commands that write its data, held out of every evaluation."""
+    world, split = demo_world_dir(), squad_split_dir()
+    return (
+        f"`uptake meta-train camels --base {base} --body {base} --body-layers 4 "
+        "--freeze-layers 2 --inner-optimizer adam --inner-lr 2e-3 --episode-docs 2 "
+        "--grad-accum 1 --max-doc-tokens 128 --val-episodes 4 --val-every 25 --steps 100 "
+        f"--train {split}/tuning.jsonl,{world}/meta_train.jsonl --val {world}/meta_val.jsonl "
+        f"--out {base_weighter_dir(base)}`, after `uptake world --out {world}` and "
+        f"`uptake squad-split --squad SQUAD_DEV.json --stream STREAM.json --out {split}` "
+        "(the files docs/results/real-base-split.json names)"
+    )
 
 
 def _default_worker_id() -> str:
@@ -252,9 +276,10 @@ class Settings(BaseSettings):
         return path
 
     def weighter_path(self) -> Path | None:
-        """The saved weighter the strategy reads: UPTAKE_WEIGHTER, else for camels the demo
-        weighting model `uptake bootstrap` builds (its weights are per character, so any base
-        can use it); None for the strategies that need none."""
+        """The saved weighter the strategy reads: UPTAKE_WEIGHTER, else for camels the weighting
+        model meta-trained against the packaged base, or for any other base the demo one
+        `uptake bootstrap` builds (its weights are per character, so any base can use it); None
+        for the strategies that need none."""
         if self.strategy in ("uniform", "salient"):
             return None
         if self.weighter is not None:
@@ -266,6 +291,17 @@ class Settings(BaseSettings):
                 "UPTAKE_STRATEGY=tfidf needs UPTAKE_WEIGHTER: the JSON file written by "
                 "`uptake fit-tfidf DOCUMENTS --out FILE`"
             )
+        packaged = packaged_base(self.model)
+        if packaged is not None:
+            path = base_weighter_dir(packaged.name)
+            if not path.is_dir():
+                raise ConfigError(
+                    f"UPTAKE_STRATEGY=camels found no weighting model for {packaged.name} at "
+                    f"{path}; build it with {camels_build(packaged.name)}; or set "
+                    "UPTAKE_WEIGHTER to a weighting model directory (the demo one, from "
+                    f"`uptake bootstrap`, is {demo_weighter_dir()})"
+                )
+            return path
         if not demo_weighter_dir().is_dir():
             raise ConfigError(
                 f"UPTAKE_STRATEGY=camels found no weighting model: the demo one "

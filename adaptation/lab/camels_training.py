@@ -5,8 +5,8 @@ another to the base's LoRA parameters, one differentiable step each (plain SGD, 
 updater's clipped Adam with its moments carried along), on the loss weighted by the weighting
 model. The outer loss is the updated model's answer NLL on the episode's questions,
 plus c_kl times the KL between the model before and after the updates on an unrelated passage.
-Its gradient flows back through the updates into the weighting model only: the base and the
-starting LoRA weights are constants.
+Its gradient flows back through the updates into the weighting model's trainable parameters only:
+the base, the starting LoRA weights and any frozen layers of a pretrained body are constants.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from adaptation.updater import Normalisation, UpdateConfig, weighted_lm_loss
 from adaptation.weighting.camels import CamelsSpec, CamelsWeighter
 
 Params = dict[str, torch.Tensor]
+Paths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 InnerOptimizer = Literal["sgd", "adam"]
 # The OnlineUpdater's step: its gradient clip, then torch.optim.AdamW at its default betas and eps.
 WORKER_CLIP = UpdateConfig().max_grad_norm
@@ -55,8 +56,14 @@ class MetaTrainConfig:
     as the worker's persistent optimiser carries them across a stream. Its inner_lr is then an
     Adam learning rate (the updater's, e.g. 2e-3), not an SGD one.
 
-    steps counts outer optimiser steps (each `grad_accum` episodes); `minutes`, when set, stops
-    training earlier so that the whole run, validation included, fits the budget.
+    steps counts outer optimiser steps (each `grad_accum` episodes): the budget, so that a slower
+    machine builds the same model. `minutes`, when set, also stops training earlier so that the
+    whole run, validation included, fits that time; the model then depends on the machine.
+
+    body names a pretrained causal LM (a packaged base or an HF directory) whose embeddings and
+    first body_layers layers become the weighting model's body, with its tokenizer; None builds a
+    body from `spec`. freeze_layers, when set, holds the embeddings and the body's first
+    freeze_layers layers fixed.
     """
 
     episode_docs: int = 6
@@ -67,7 +74,7 @@ class MetaTrainConfig:
     grad_accum: int = 4
     reset_every: int = 24
     steps: int = 2000
-    minutes: float | None = 55.0
+    minutes: float | None = None
     val_every: int = 25
     val_episodes: int = 8
     normalisation: Normalisation = "tokens"
@@ -77,6 +84,9 @@ class MetaTrainConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     spec: CamelsSpec = field(default_factory=CamelsSpec)
+    body: str | None = None
+    body_layers: int = 4
+    freeze_layers: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +99,7 @@ class MetaTrainConfig:
             "val_episodes",
             "max_doc_tokens",
             "lora_rank",
+            "body_layers",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -96,6 +107,11 @@ class MetaTrainConfig:
             raise ValueError("inner_lr and outer_lr must be positive and c_kl non-negative")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer is sgd or adam, got {self.inner_optimizer!r}")
+        layers = self.body_layers if self.body else self.spec.layers
+        if self.freeze_layers is not None and not 0 <= self.freeze_layers <= layers:
+            raise ValueError(
+                f"freeze_layers must be 0 to the body's {layers} layers, got {self.freeze_layers}"
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> MetaTrainConfig:
@@ -212,14 +228,14 @@ class MetaLearner:
         self.weighter = weighter
         self.config = config
         self.model.requires_grad_(False)
+        self.trainable = weighter.freeze(config.freeze_layers)
         self.theta_init: Params = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
         if not self.theta_init:
             raise ValueError("the base has no LoRA parameters: build it with attach_lora")
         self.device = next(iter(self.theta_init.values())).device
         self.weighter.to(self.device)
-        self.weighter.requires_grad_(True)
         self.weighter.train()
-        self.optimizer = torch.optim.Adam(self.weighter.parameters(), lr=config.outer_lr)
+        self.optimizer = torch.optim.Adam(self.trainable, lr=config.outer_lr)
         self.skipped_steps = 0
         self._prepared: dict[str, PreparedDoc] = {}
 
@@ -360,15 +376,16 @@ class MetaLearner:
         return OuterLoss(total=total, qa=qa, kl=kl, mean_weight=mean_weight, state=state)
 
     def backward(self, out: OuterLoss, scale: float = 1.0) -> None:
-        """Accumulate the outer gradient into the weighting model, and nowhere else."""
-        (out.total * scale).backward(inputs=list(self.weighter.parameters()))
+        """Accumulate the outer gradient into the weighting model's trainable parameters, and
+        nowhere else."""
+        (out.total * scale).backward(inputs=self.trainable)
 
     def step(self) -> float:
         """One Adam step on the weighting model from the accumulated gradient; returns its norm.
 
         A non-finite gradient (an inner loop that blew up) is dropped, not applied: one such step
         would turn every weight into NaN for the rest of the run."""
-        norm = torch.nn.utils.clip_grad_norm_(self.weighter.parameters(), self.config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         if torch.isfinite(norm):
             self.optimizer.step()
         else:
@@ -457,8 +474,9 @@ def build_learner(
     tokenizer: PreTrainedTokenizerFast | None = None,
     device: str | torch.device | None = None,
 ) -> MetaLearner:
-    """Load the base in fp32 with a fresh LoRA and pair it with an untrained weighting model,
-    whose tokenizer is `tokenizer` or else the base's."""
+    """Load the base in fp32 with a fresh LoRA and pair it with an untrained weighting model: a
+    pretrained body with its own tokenizer when the config names one, else a body built from the
+    spec whose tokenizer is `tokenizer` or else the base's."""
     torch.manual_seed(config.seed)
     model, base_tok = load_base(base_dir, device=device, dtype=torch.float32)
     # Meta-gradients differentiate through a backward pass; fused CPU attention has no such
@@ -466,6 +484,11 @@ def build_learner(
     model.set_attn_implementation("eager")
     peft_model = attach_lora(model, LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha))
     peft_model.eval()
+    if config.body is not None:
+        if tokenizer is not None:
+            raise ValueError("a pretrained body brings its own tokenizer; give no other")
+        weighter = CamelsWeighter.from_pretrained_body(config.body, config.body_layers, config.spec)
+        return MetaLearner(peft_model, base_tok, weighter, config)
     own_tok = tokenizer if tokenizer is not None else base_tok
     if not getattr(own_tok, "is_fast", False):
         raise ValueError(
@@ -475,10 +498,21 @@ def build_learner(
     return MetaLearner(peft_model, base_tok, CamelsWeighter(own_tok, config.spec), config)
 
 
+def read_all(paths: Paths) -> list[Document]:
+    """The documents of one file, or of several in order."""
+    if isinstance(paths, (str, os.PathLike)):
+        return read_documents(paths)
+    return [d for path in paths for d in read_documents(path)]
+
+
+def _named(paths: Paths) -> str | list[str]:
+    return str(paths) if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+
+
 def meta_train(
     base_dir: str | os.PathLike[str],
-    train_path: str | os.PathLike[str],
-    val_path: str | os.PathLike[str],
+    train_path: Paths,
+    val_path: Paths,
     out_dir: str | os.PathLike[str],
     config: MetaTrainConfig | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
@@ -486,12 +520,14 @@ def meta_train(
     progress: bool = True,
 ) -> MetaTrainResult:
     """Meta-train a weighting model for `base_dir` and save the best one (by validation outer
-    loss) to `out_dir`. `tokenizer` is the weighting model's own; by default the base's."""
+    loss) to `out_dir`. The training and validation documents may each come from several files
+    (e.g. SQuAD's tuning titles and the world's meta-train people). `tokenizer` is a from-scratch
+    body's own; by default the base's."""
     cfg = config or MetaTrainConfig()
     started = time.monotonic()
     rng = random.Random(cfg.seed)
-    train_docs = read_documents(train_path)
-    val_docs = read_documents(val_path)
+    train_docs = read_all(train_path)
+    val_docs = read_all(val_path)
     learner = build_learner(base_dir, cfg, tokenizer, device)
     weighter = learner.weighter
 
@@ -511,12 +547,16 @@ def meta_train(
         "method": "camels",
         "base": str(base_dir),
         "base_model_type": getattr(learner.model.config, "model_type", None),
-        "train": str(train_path),
-        "val": str(val_path),
+        "train": _named(train_path),
+        "val": _named(val_path),
         "normalisation": cfg.normalisation,
         "inner_optimizer": cfg.inner_optimizer,
         "config": {k: v for k, v in asdict(cfg).items() if k != "spec"},
     }
+    if cfg.body is not None:
+        card["body_from"] = f"{cfg.body}, first {cfg.body_layers} layers"
+    if cfg.freeze_layers is not None:
+        card["frozen"] = f"embeddings and the first {cfg.freeze_layers} body layers"
 
     def save_best() -> None:
         card["validation"] = {

@@ -3,11 +3,15 @@ count in the update loss.
 
 It is trained by meta-learning (adaptation.lab.camels_training) so that the weighted update makes the
 base answer questions about the document. Its weights are per character, via its own tokenizer's
-offsets, so a weighting model meta-trained with one base serves any other.
+offsets, so a weighting model meta-trained with one base serves any other. Its body is either
+built from a config (small, for the demo model) or the first layers of a pretrained causal LM,
+which brings a knowledge of English that a body trained from scratch on a few thousand episodes
+lacks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,10 +24,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+from adaptation.modeling import load_base
 
 FORMAT = "uptake-camels"
-FORMAT_VERSION = 1
+# 2: config.json also holds the body's own config, so a body cut from a pretrained model loads
+# without that model; version 1 (a body built from the spec alone) still loads.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -32,8 +46,9 @@ README_FILE = "README.md"
 
 @dataclass(frozen=True)
 class CamelsSpec:
-    """The weighting model's size. `max_length` is the window it reads at once; longer texts are
-    read window by window."""
+    """The weighting model's size. hidden, layers, heads and intermediate shape a body built from
+    scratch (a pretrained body brings its own); `max_length` is the window it reads at once, longer
+    texts are read window by window."""
 
     hidden: int = 128
     layers: int = 2
@@ -81,7 +96,10 @@ class CamelsWeighter(nn.Module):
         tokenizer: PreTrainedTokenizerFast,
         spec: CamelsSpec | None = None,
         card: dict[str, Any] | None = None,
+        body_config: PretrainedConfig | None = None,
     ) -> None:
+        """A body of the shape `body_config` gives (with random weights), else one built from
+        `spec`; either way the head's last layer starts at zero."""
         super().__init__()
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -91,9 +109,11 @@ class CamelsWeighter(nn.Module):
         self.spec = spec or CamelsSpec()
         self.tokenizer = tokenizer
         self.card: dict[str, Any] = dict(card or {})
-        self.body = LlamaModel(self._body_config(len(tokenizer)))
+        config = body_config or self._body_config(len(tokenizer))
+        config._attn_implementation = "sdpa"
+        self.body = AutoModel.from_config(config)
         self.head = nn.Sequential(
-            nn.Linear(self.spec.hidden, self.spec.head_hidden),
+            nn.Linear(config.hidden_size, self.spec.head_hidden),
             nn.GELU(),
             nn.Linear(self.spec.head_hidden, 1),
         )
@@ -113,8 +133,51 @@ class CamelsWeighter(nn.Module):
             max_position_embeddings=s.max_length,
             tie_word_embeddings=False,
         )
-        cfg._attn_implementation = "sdpa"
         return cfg
+
+    @classmethod
+    def from_pretrained_body(
+        cls,
+        source: str | os.PathLike[str],
+        layers: int,
+        spec: CamelsSpec | None = None,
+        card: dict[str, Any] | None = None,
+    ) -> CamelsWeighter:
+        """A weighting model whose body is the embeddings, first `layers` layers and final norm
+        of the causal LM `source` (a packaged base's name or an HF directory), with its tokenizer;
+        the head is fresh. Only those layers are kept, so it saves without the rest."""
+        model, tokenizer = load_base(source, device="cpu", dtype=torch.float32)
+        decoder = model.base_model
+        total = getattr(decoder.config, "num_hidden_layers", 0)
+        if not hasattr(decoder, "layers") or not 1 <= layers <= total:
+            raise ValueError(
+                f"{source} has {total} decoder layers under `.layers`; a weighting body takes "
+                "1 to that many"
+            )
+        config = copy.deepcopy(decoder.config)
+        config.num_hidden_layers = layers
+        for unused in ("quantization_config", "layer_types"):
+            if hasattr(config, unused):
+                delattr(config, unused)
+        weighter = cls(tokenizer, spec, card, body_config=config)
+        source_state = decoder.state_dict()
+        weighter.body.load_state_dict({k: source_state[k] for k in weighter.body.state_dict()})
+        weighter.eval()
+        return weighter
+
+    def freeze(self, layers: int | None) -> list[nn.Parameter]:
+        """Make trainable everything but, when `layers` is given, the embeddings and the body's
+        first `layers` layers (a pretrained body keeps what it knows there); returns the trainable
+        parameters."""
+        self.requires_grad_(True)
+        if layers is not None:
+            blocks = self.body.layers
+            if not 0 <= layers <= len(blocks):
+                raise ValueError(f"can freeze 0 to {len(blocks)} body layers, not {layers}")
+            self.body.get_input_embeddings().requires_grad_(False)
+            for block in blocks[:layers]:
+                block.requires_grad_(False)
+        return [p for p in self.parameters() if p.requires_grad]
 
     @property
     def device(self) -> torch.device:
@@ -187,13 +250,14 @@ class CamelsWeighter(nn.Module):
             "format_version": FORMAT_VERSION,
             "spec": asdict(self.spec),
             "vocab_size": len(self.tokenizer),
+            "body": self.body.config.to_dict(),
         }
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
         self.tokenizer.save_pretrained(str(out))
         (out / CARD_FILE).write_text(json.dumps(self.card, indent=2, default=str))
-        (out / README_FILE).write_text(model_card_markdown(self.spec, self.card))
+        (out / README_FILE).write_text(model_card_markdown(self.spec, self.body.config, self.card))
         return out
 
     @classmethod
@@ -216,7 +280,12 @@ class CamelsWeighter(nn.Module):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
         card_path = directory / CARD_FILE
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        model = cls(tokenizer, CamelsSpec(**config["spec"]), card)
+        body = config.get("body")
+        body_config = None
+        if body is not None:
+            body = dict(body)
+            body_config = AutoConfig.for_model(body.pop("model_type"), **body)
+        model = cls(tokenizer, CamelsSpec(**config["spec"]), card, body_config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         model.eval()
         model.requires_grad_(False)
@@ -225,7 +294,7 @@ class CamelsWeighter(nn.Module):
         return model
 
 
-def model_card_markdown(spec: CamelsSpec, card: dict[str, Any]) -> str:
+def model_card_markdown(spec: CamelsSpec, body: PretrainedConfig, card: dict[str, Any]) -> str:
     lines = [
         "# CaMeLS weighting model",
         "",
@@ -233,12 +302,15 @@ def model_card_markdown(spec: CamelsSpec, card: dict[str, Any]) -> str:
         "`uptake meta-train camels`. Load with `CamelsWeighter.load(dir)` or use it with "
         '`uptake weights --weighter DIR "text"`.',
         "",
-        f"- body: causal Llama, {spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads",
-        f"- head: Linear({spec.hidden}->{spec.head_hidden}) -> GELU -> Linear -> "
+        f"- body: {body.model_type}, {body.num_hidden_layers} layers, hidden {body.hidden_size}, "
+        f"{body.num_attention_heads} heads",
+        f"- head: Linear({body.hidden_size}->{spec.head_hidden}) -> GELU -> Linear -> "
         f"softplus(beta={spec.beta:g}); untrained weight {spec.initial_weight:.4f}",
     ]
     for key in (
         "base",
+        "body_from",
+        "frozen",
         "train",
         "val",
         "normalisation",

@@ -238,14 +238,32 @@ CAMELS_OPTIONS = (
     opt("--reset-every", "documents between LoRA resets", type=int),
     opt("--c-kl", "locality weight", type=float),
     opt("--grad-accum", "episodes per outer step", type=int),
-    opt("--steps", "outer steps", type=int),
-    opt("--minutes", "finish within this many minutes (0: no limit, only --steps)", type=float),
+    opt("--steps", "outer steps: the budget, the same model on any machine", type=int),
+    opt(
+        "--minutes",
+        "also stop within this many minutes (default: no limit; the model then depends on "
+        "the machine's speed)",
+        type=float,
+    ),
     opt("--val-every", "outer steps between validations", type=int),
     opt("--val-episodes", "fixed validation episodes", type=int),
     opt("--normalisation", "inner loss normalisation", choices=["tokens", "weights", "fixed"]),
+    opt("--max-doc-tokens", "base tokens of each document the inner step reads", type=int),
     opt("--lora-rank", "rank of the base's LoRA adapter", type=int),
-    opt("--hidden", "weighting model width", to=None, type=int),
-    opt("--layers", "weighting model layers", to=None, type=int),
+    opt(
+        "--body",
+        "a pretrained causal LM (packaged base name or HF directory) whose embeddings, first "
+        "--body-layers layers and final norm become the weighting model's body, with its "
+        "tokenizer (default: a small body built from scratch, --hidden and --layers)",
+    ),
+    opt("--body-layers", "layers of --body kept", type=at_least_one),
+    opt(
+        "--freeze-layers",
+        "hold the body's embeddings and its first N layers fixed (default: train everything)",
+        type=at_least_zero,
+    ),
+    opt("--hidden", "width of a body built from scratch", to=None, type=int),
+    opt("--layers", "layers of a body built from scratch", to=None, type=int),
     opt(
         "--tokenizer",
         "the weighting model's own tokenizer directory (default: the base's)",
@@ -446,11 +464,16 @@ def add_meta_train(sub: argparse._SubParsersAction) -> None:
         add(methods)
 
 
-def _meta_train_data_flags(p: argparse.ArgumentParser, out_help: str, quick_help: str) -> None:
-    """What every meta-training method reads and writes."""
-    p.add_argument("--base", required=True, help="base model directory or hub id")
-    p.add_argument("--train", required=True, help="documents with questions (JSONL or SQuAD JSON)")
-    p.add_argument("--val", required=True, help="validation documents with questions")
+def _meta_train_data_flags(
+    p: argparse.ArgumentParser, out_help: str, quick_help: str, several: bool = False
+) -> None:
+    """What every meta-training method reads and writes; `several` takes comma lists of files."""
+    files = {"type": names, "metavar": "FILE[,FILE...]"} if several else {}
+    p.add_argument("--base", required=True, help="base model: packaged name, directory or hub id")
+    p.add_argument(
+        "--train", required=True, help="documents with questions (JSONL or SQuAD JSON)", **files
+    )
+    p.add_argument("--val", required=True, help="validation documents with questions", **files)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--quick", action="store_true", help=quick_help)
 
@@ -463,12 +486,14 @@ def _add_meta_train_camels(methods: argparse._SubParsersAction) -> None:
         "base's LoRA, one differentiable step each (--inner-optimizer) on the weighted loss, "
         "then scores answer NLL on their questions plus --c-kl x KL on an unrelated passage. "
         "uptake bootstrap uses --inner-optimizer adam --inner-lr 2e-3 --normalisation weights "
-        "--steps 563 --minutes 0. The best checkpoint "
+        "--steps 563. --body starts the weighting model from a pretrained LM's first layers; "
+        "--train and --val take several files, e.g. the SQuAD split's tuning.jsonl (uptake "
+        "squad-split) and the world's meta_train.jsonl (uptake world). The best checkpoint "
         "by validation outer loss is written to --out. Unset options take the defaults of "
         "adaptation.lab.camels_training.MetaTrainConfig; the run prints and records the settings.",
     )
     _meta_train_data_flags(
-        p, "directory for the weighting model", "a tiny smoke run (seconds, for tests)"
+        p, "directory for the weighting model", "a tiny smoke run (seconds, for tests)", True
     )
     add_options(p, CAMELS_OPTIONS)
     p.set_defaults(handler=_run_meta_train_camels)

@@ -297,6 +297,53 @@ def test_inner_loop_carries_learning_into_the_lora(tiny_model_dir: Path) -> None
     assert adapted.figures()["kl"] > 0
 
 
+def test_meta_training_a_pretrained_body_moves_only_its_unfrozen_part(
+    tiny_model_dir: Path,
+) -> None:
+    """Two outer steps (the zeroed last layer passes no gradient back until it has moved once):
+    the head and the unfrozen layer and norm change, the embeddings and frozen layer do not."""
+    learner = _learner(
+        tiny_model_dir, body=str(tiny_model_dir), body_layers=2, freeze_layers=1, spec=SMALL
+    )
+    before = {n: p.detach().clone() for n, p in learner.weighter.named_parameters()}
+    for seed in range(2):
+        docs, passage = _episode(learner, seed)
+        learner.backward(learner.outer_loss(docs, passage, learner.start()))
+        learner.step()
+    moved = {n for n, p in learner.weighter.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n in before if n.startswith(("body.embed_tokens.", "body.layers.0."))}
+    assert not moved & frozen
+    assert {"head.0.weight", "head.2.weight", "body.norm.weight"} <= moved
+    assert any(n.startswith("body.layers.1.") for n in moved)
+    with pytest.raises(ValueError, match="freeze_layers must be 0 to the body's 2 layers"):
+        MetaTrainConfig(body=str(tiny_model_dir), body_layers=2, freeze_layers=3)
+    with pytest.raises(ValueError, match="brings its own tokenizer"):
+        build_learner(
+            tiny_model_dir, MetaTrainConfig(body=str(tiny_model_dir)), tiny_tokenizer(), "cpu"
+        )
+
+
+def test_meta_train_cli_reads_several_files_into_a_pretrained_body(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """--train and --val take comma lists; --body starts from the base's first layers, and the
+    card says which and what was frozen."""
+    out = tmp_path / "weighter"
+    train = f"{data_dir / 'train.jsonl'},{data_dir / 'val.jsonl'}"
+    flags = ["--base", str(tiny_model_dir), "--train", train, "--val", str(data_dir / "val.jsonl")]
+    body = ["--body", str(tiny_model_dir), "--body-layers", "1", "--freeze-layers", "1"]
+    run = ["--quick", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    assert main(["meta-train", "camels", *flags, *body, *run]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["train"] == train.split(",") and card["trained_steps"] == 2
+    assert card["body_from"] == f"{tiny_model_dir}, first 1 layers"
+    assert card["frozen"] == "embeddings and the first 1 body layers"
+    loaded = CamelsWeighter.load(out)
+    assert loaded.body.config.num_hidden_layers == 1
+    source = load_base(tiny_model_dir, device="cpu", dtype=torch.float32)[0].base_model
+    assert torch.equal(loaded.body.embed_tokens.weight, source.embed_tokens.weight)
+
+
 def test_meta_train_quick_cli_end_to_end(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -324,7 +371,7 @@ def test_meta_train_quick_cli_end_to_end(
     assert done.returncode == 0, done.stderr[-3000:]
     assert "meta-training camels" in done.stderr, "a progress bar is shown"
     card = json.loads((out / "card.json").read_text())
-    assert card["base"] == str(tiny_model_dir) and card["train"].endswith("train.jsonl")
+    assert card["base"] == str(tiny_model_dir) and card["train"] == [str(data_dir / "train.jsonl")]
     assert card["trained_steps"] == MetaTrainConfig.quick().steps
     assert card["seconds_per_episode"] > 0
     assert card["seconds"] <= 120, "--quick must finish within two minutes"
