@@ -29,7 +29,7 @@ from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.best_of_k import BestOfK, Scoring, learn_best_of, write_probes
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.lab.probe_agreement import correlation
-from adaptation.lab.retrieval import Retriever, as_context
+from adaptation.retrieval import Retriever, as_context
 from adaptation.learner import (
     IngestResult,
     Learner,
