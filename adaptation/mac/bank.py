@@ -101,7 +101,9 @@ class MemoryBank:
     def nbytes(self) -> int:
         return self.num_entries * self.entry_nbytes
 
-    def append(self, doc_id: str, modulation: torch.Tensor, key: torch.Tensor | None = None) -> bool:
+    def append(
+        self, doc_id: str, modulation: torch.Tensor, key: torch.Tensor | None = None
+    ) -> bool:
         """Store a document's T x d modulation (and its retrieval key, if the bank keeps keys);
         False (and no change) if the id is already held."""
         if modulation.shape != (self.num_tokens, self.width):

@@ -710,8 +710,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="--mac-scaling: the stream whose first --targets documents are scored "
-        "(default: the world's eval_stream.jsonl)",
+        help="--mac-scaling: JSONL or SQuAD-style JSON whose first --targets documents are "
+        "scored and whose later ones are the first filler (default: the world's "
+        "eval_stream.jsonl)",
     )
     p.add_argument(
         "--targets",
