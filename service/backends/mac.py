@@ -21,6 +21,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adaptation.answering import SCORED_ANSWER_TOKENS
@@ -37,9 +38,16 @@ from adaptation.mac.system import (
     networks_identity,
 )
 from adaptation.modeling import load_base
-from adaptation.retrieval import embed
 from service.adapters import AdapterStore
 from service.settings import ConfigError, Settings
+
+
+def embed(texts: Sequence[str]) -> torch.Tensor:
+    """Retrieval keys (adaptation/retrieval.py), imported on first use: that module marks the
+    process offline for the hub, which only a process that embeds should inherit."""
+    from adaptation.retrieval import embed as minilm
+
+    return minilm(texts)
 
 
 def check_banks(settings: Settings) -> None:
