@@ -325,7 +325,7 @@ class MacServingEngine(ServingEngine):
         directory = self.settings.mac_networks()
         super().load()
         assert self._base is not None and self._tokenizer is not None
-        mac = MacModels(self._base, self._tokenizer, directory)
+        mac = MacModels(self._base, self._tokenizer, directory, self.settings.mac_top_k)
         self._empty = mac.system(None)
         self._mac = mac
 

@@ -434,6 +434,17 @@ class StatusOut(BaseModel):
         description="the newest snapshot on disk: LoRA adapter and optimizer state (a fixed "
         "size), or the memory bank (one entry per document, in mode mac)"
     )
+    bank_entries: int | None = Field(
+        default=None,
+        description="mode mac: documents in the newest snapshot's memory bank; null in other "
+        "modes and before the first snapshot",
+    )
+    bytes_per_document: int | None = Field(
+        default=None,
+        description="mode mac: what each document adds to the bank on disk (its T x d fp16 "
+        "modulation and its fp16 retrieval key); null in other modes and before the first "
+        "snapshot",
+    )
     quarantined: list[str] = Field(
         default_factory=list,
         description="damaged snapshots the worker moved aside (.quarantine/vNNNNNN-reason); "

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         default=None,
         description="trained MAC networks for mode mac (the --out of `uptake meta-train mac`)",
     )
+    mac_top_k: int = Field(
+        default=0,
+        ge=0,
+        description="mode mac: each question aggregates only the k bank entries nearest it by "
+        "MiniLM embedding (mac+rag); 0: the whole bank",
+    )
     lr: float = Field(default=1e-3, gt=0)
     steps_per_doc: int = Field(default=1, ge=1)
     normalisation: Literal["tokens", "weights", "fixed"] = "tokens"

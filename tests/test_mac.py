@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from adaptation.answering import generate_answers, generate_batched
-from adaptation.data import write_documents
+from adaptation.data import QA, Document, write_documents
+from adaptation.lab.mac_training import _prepare, batch_loss
 from adaptation.lab.world import WorldConfig, build_world
 from adaptation.mac.aggregator import Aggregator, AggregatorConfig
 from adaptation.mac.amortizer import EncoderConfig, tokenize
-from adaptation.mac.bank import MemoryBank
+from adaptation.mac.bank import BankIndex, MemoryBank
 from adaptation.mac.blocks import MaskedAttention
 from adaptation.mac.injection import encode_prompts, prefix_logits, prompt_positions
-from adaptation.mac.system import MacSystem
+from adaptation.mac.system import BANK, BankMismatch, MacSystem, networks_identity
 from adaptation.modeling import load_base
 from adaptation.prompts import qa_prompt
 from service.cli import main
@@ -246,3 +248,118 @@ def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path:
     assert len(system.bank) == 0
     system.ingest("d", world["meta_train"][0].text)
     assert len(system.answer(QUESTIONS, max_new_tokens=4)) == 2
+
+
+def _keyword_embed(texts: Sequence[str]) -> torch.Tensor:
+    """A stand-in for MiniLM: one axis per document's subject, so retrieval is known exactly."""
+    subjects = ("Venn", "Selka", "Bowl")
+    return torch.tensor([[float(s in t) + 1e-3 for s in subjects] for t in texts])
+
+
+@pytest.mark.parametrize("question_encoder", ["own", "base"])
+def test_base_encoder_trains_a_step_with_no_gradient_on_the_base(
+    tiny_model_dir: Path, tmp_path: Path, question_encoder: str
+) -> None:
+    system = tiny_mac_system(
+        tiny_model_dir, encoder="base", question_encoder=question_encoder, encoder_layer=1
+    )
+    networks, base = system.networks, system.base
+    assert networks.config.amortizer.reads_base and not hasattr(networks.amortizer, "embed")
+    assert networks.config.question.reads == question_encoder
+    assert not any(p is q for p in networks.parameters() for q in base.parameters())
+    docs = [Document(k, v, questions=(QA(QUESTIONS[0], ("Marrow Bay",)),)) for k, v in DOCS.items()]
+    batch = _prepare(docs, system.tokenizer, networks.config)
+    networks.train()
+    # Reading a document gives even a trainable base no gradient...
+    ids, mask = tokenize(system.tokenizer, list(DOCS.values()), 64)
+    networks.modulate(ids, mask).square().sum().backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert networks.amortizer.read[1].weight.grad.abs().sum() > 0
+    # ...and a training step, the base frozen as meta-training freezes it, trains only MAC.
+    networks.zero_grad(set_to_none=True)
+    base.requires_grad_(False)
+    batch_loss(networks, base, batch, int(system.tokenizer.pad_token_id), [0]).backward()
+    assert all(p.grad is None for p in base.parameters())
+    assert networks.amortizer.read[1].weight.grad.abs().sum() > 0
+    assert networks.aggregator.question.head[1].weight.grad.abs().sum() > 0
+    networks.eval()
+
+    system.ingest_many(list(DOCS.items()))
+    before = system.answer(QUESTIONS, max_new_tokens=4)
+    system.save(tmp_path / "mac")
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    again = MacSystem.load(tmp_path / "mac", model, tok)
+    assert again.networks.config == networks.config
+    assert torch.equal(again.modulate(list(DOCS.values())), system.modulate(list(DOCS.values())))
+    assert again.answer(QUESTIONS, max_new_tokens=4) == before
+
+
+def test_meta_train_mac_reads_with_the_base_for_a_step_budget(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "train.jsonl"
+    docs = [Document(k, v, questions=(QA(QUESTIONS[0], ("Marrow Bay",)),)) for k, v in DOCS.items()]
+    write_documents(data, docs)
+    out = tmp_path / "mac"
+    flags = ["meta-train", "mac", "--base", str(tiny_model_dir), "--train", str(data)]
+    flags += ["--val", str(data), "--out", str(out), "--quick", "--batch-docs", "2"]
+    flags += ["--encoder", "base", "--encoder-layer", "1", "--steps", "1", "--eval-questions", "0"]
+    assert main(flags) == 0
+    assert json.loads((out / "training.json").read_text())["steps"] == 1
+    config = json.loads((out / "mac_config.json").read_text())
+    assert config["amortizer"]["reads"] == config["question"]["reads"] == "base"
+    assert config["amortizer"]["base_layer"] == 1
+
+
+def test_bank_keys_follow_their_entries(tmp_path: Path) -> None:
+    bank = MemoryBank(2, 3, networks="abc")
+    keys = _keyword_embed(list(DOCS.values()))
+    for (doc_id, _), key in zip(DOCS.items(), keys):
+        assert bank.append(doc_id, torch.full((2, 3), float(len(doc_id))), key)
+    with pytest.raises(ValueError, match="retrieval key"):
+        bank.append("nokey", torch.zeros(2, 3))
+    assert bank.entry_nbytes == (2 * 3 + 3) * 2 and bank.nbytes == 3 * bank.entry_nbytes
+    assert bank.search(_keyword_embed(["Bowl Venn"]), 2)[0] in (["bowl", "alda"], ["alda", "bowl"])
+    assert bank.drop("alda")
+    assert bank.search(_keyword_embed(["Venn"]), 1) != [["alda"]]
+    bank.save(tmp_path / "bank")
+    again = MemoryBank.load(tmp_path / "bank")
+    assert again.networks == "abc" and again.ids == ["selka", "bowl"]
+    assert again.search(_keyword_embed(["Selka", "Bowl"]), 1) == [["selka"], ["bowl"]]
+    index = BankIndex.read(tmp_path / "bank")
+    assert (index.entries, index.key_width, index.entry_nbytes) == (2, 3, bank.entry_nbytes)
+    assert again.drop("selka") and again.drop("bowl")
+    assert again.append("nokey", torch.zeros(2, 3))  # an emptied bank takes either kind
+
+
+def test_top_k_aggregates_only_the_retrieved_entries(tiny_model_dir: Path) -> None:
+    system = tiny_mac_system(tiny_model_dir)
+    system.embed, system.top_k = _keyword_embed, 1
+    system.ingest_many(list(DOCS.items()))
+    assert system.bank.keyed
+    retrieved = system.answer(QUESTIONS, max_new_tokens=6)
+    assert retrieved == system.answer(QUESTIONS, doc_ids=[["alda"], ["bowl"]], max_new_tokens=6)
+    system.top_k = 0
+    assert system.answer(QUESTIONS, max_new_tokens=6) != retrieved
+
+
+def test_a_bank_of_other_networks_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    system = tiny_mac_system(tiny_model_dir)
+    system.save(tmp_path / "mac")
+    model, tok = load_base(tiny_model_dir, device="cpu")
+    loaded = MacSystem.load(tmp_path / "mac", model, tok)
+    assert loaded.networks_id == networks_identity(tmp_path / "mac")
+    loaded.ingest("alda", DOCS["alda"])
+    loaded.save_bank(tmp_path / "snap")
+    assert MemoryBank.load(tmp_path / "snap" / BANK).networks == loaded.networks_id
+    other = tiny_mac_system(tiny_model_dir, num_tokens=4, layers=2).save(tmp_path / "other")
+    with pytest.raises(BankMismatch, match="written by MAC networks"):
+        MacSystem(
+            loaded.networks,
+            model,
+            tok,
+            bank=MemoryBank.load(tmp_path / "snap" / BANK),
+            networks_id=networks_identity(other),
+        )
+    with pytest.raises(BankMismatch, match="3 x"):
+        MacSystem(loaded.networks, model, tok, bank=MemoryBank(3, 5))

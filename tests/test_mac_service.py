@@ -16,13 +16,14 @@ import torch
 from adaptation.answering import generate_answers
 from adaptation.data import Document
 from adaptation.mac.bank import MemoryBank
-from adaptation.mac.system import BANK
+from adaptation.mac.system import BANK, BankMismatch
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir
+from adaptation.retrieval import embed
 from adaptation.weighting import make_weighter
 from service.adapters import AdapterStore, publish_version
 from service.backends import open_backends
-from service.backends.mac import MacBackend, MacModels
+from service.backends.mac import MacBackend, MacModels, check_banks
 from service.cli import main
 from service.engine import MacServingEngine, open_engine
 from service.keys import Keys
@@ -51,7 +52,9 @@ DOCS = [
 ]
 
 
-def mac_settings(model_dir: Path, mac_dir: Path, tmp: Path, url: str, prefix: str) -> Settings:
+def mac_settings(
+    model_dir: Path, mac_dir: Path, tmp: Path, url: str, prefix: str, top_k: int = 0
+) -> Settings:
     return make_settings(
         model_dir,
         tmp / "store",
@@ -59,6 +62,7 @@ def mac_settings(model_dir: Path, mac_dir: Path, tmp: Path, url: str, prefix: st
         prefix,
         mode="mac",
         mac_dir=mac_dir,
+        mac_top_k=top_k,
         snapshot_every=3,
         answer_wait_ms=50,
     )
@@ -126,6 +130,67 @@ def test_bank_backend_snapshots_reopens_and_drops(
     assert reopened.drop("d1") and not reopened.drop("d1")
     assert reopened.system.bank.ids == ["d0", "d2"]
     assert backend.system.bank.ids == ["d0", "d1", "d2"]
+
+
+def test_a_bank_of_other_networks_is_refused_at_start(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_mac_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = make_settings(
+        tiny_model_dir, tmp_path / "store", "redis://unused", "p", mode="mac", mac_dir=tiny_mac_dir
+    )
+    models = MacModels.load(settings)
+    store = AdapterStore(settings.adapters_dir())
+    own = models.open("mine", None, settings)
+    own.ingest(Document("d0", DOCS[0]))
+    store.write("mine", 0, ["d0"], 1, own.write_state)
+    check_banks(settings)  # the networks' own bank passes
+
+    alien = MemoryBank(*own.system.bank.tensor().shape[1:], networks="0123456789abcdef")
+    alien.append("x", own.system.bank.tensor()[0])
+    store.write(NS, 0, ["x"], 1, lambda d: alien.save(d / BANK))
+    with pytest.raises(BankMismatch, match="written by MAC networks 0123456789abcdef"):
+        models.system(store.path(NS, 1))  # what the worker and engine would open
+    monkeypatch.setenv("UPTAKE_MODE", "mac")
+    monkeypatch.setenv("UPTAKE_MAC_DIR", str(tiny_mac_dir))
+    monkeypatch.setenv("UPTAKE_STORE_DIR", str(tmp_path / "store"))
+    capsys.readouterr()
+    for command in ("worker", "serve", "up"):
+        assert main([command, "--model", str(tiny_model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"uptake {command}: namespace '{NS}'")
+        assert "written by MAC networks 0123456789abcdef" in err and "UPTAKE_MAC_DIR" in err
+
+
+def test_mac_rag_engine_answers_from_the_retrieved_entries_only(
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix, top_k=1)
+        models = MacModels.load(settings)
+        r = client(url)
+        store = AdapterStore(settings.adapters_dir())
+        engine = open_engine(settings, r, Keys(prefix), store)
+        try:
+            version = _publish_bank(settings, models, r, "alpha", DOCS)
+            engine.load()
+            engine.refresh()
+            served, answered = engine.answer(QUESTION, "alpha", 6)
+        finally:
+            engine.stop()
+            drop_prefix(url, prefix)
+            r.close()
+    assert answered == version
+    system = models.system(store.path("alpha", version))
+    assert system.bank.keyed and system.retrieve([QUESTION]) == [["alpha-0"]]  # Alda Venn's
+    (retrieved,) = system.answer([QUESTION], doc_ids=[["alpha-0"]], max_new_tokens=6)
+    assert served == retrieved
+    system.top_k = 0
+    assert system.answer([QUESTION], max_new_tokens=6) != [served]  # the whole bank differs
 
 
 def _publish_bank(
@@ -200,7 +265,7 @@ def test_mac_mode_end_to_end_survives_a_worker_restart(
     log = tmp_path / "worker.log"
     with redis_for_tests(tmp_path) as url:
         prefix = unique_prefix()
-        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix)
+        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix, top_k=2)
         store = AdapterStore(settings.adapters_dir())
         worker = start_worker(settings, log)
         try:
@@ -228,6 +293,9 @@ def test_mac_mode_end_to_end_survives_a_worker_restart(
                 status = http.get("/v1/status", params={"namespace": NS}).json()
                 four = status["state_bytes"]
                 assert four == store.nbytes(NS, status["published_version"]) > 0
+                held = _bank(store, status["published_version"])
+                assert status["bank_entries"] == 4 and held.keyed
+                assert status["bytes_per_document"] == held.entry_nbytes
 
                 assert stop_process(worker) == 0, log.read_text()[-3000:]
                 worker = start_worker(settings, log)
@@ -236,7 +304,8 @@ def test_mac_mode_end_to_end_survives_a_worker_restart(
                 assert after["adapter_version"] > last["adapter_version"]
                 bank = _bank(store, after["adapter_version"])
                 assert bank.ids == [*_lineage_order(versions), fresh.json()["id"]]
-                assert bank.num_entries == 5
+                assert bank.num_entries == 5 and bank.keyed  # keys survive the restart
+                assert bank.search(embed([DOCS[4]]), 1) == [[fresh.json()["id"]]]
                 status = http.get("/v1/status", params={"namespace": NS}).json()
                 assert status["state_bytes"] > four  # the bank grows by one entry
 

@@ -29,7 +29,6 @@ from adaptation.answering import SCORED_ANSWER_TOKENS, generate_answers
 from adaptation.best_of_k import BestOfK, Scoring, learn_best_of, write_probes
 from adaptation.data import QA, Document, all_questions, read_documents
 from adaptation.lab.probe_agreement import correlation
-from adaptation.lab.retrieval import Retriever, as_context
 from adaptation.learner import (
     IngestResult,
     Learner,
@@ -40,6 +39,7 @@ from adaptation.learner import (
 from adaptation.metrics import score
 from adaptation.modeling import LoraSettings, load_base, without_adapters
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT
+from adaptation.retrieval import Retriever, as_context
 from adaptation.self_edit_cache import SelfEditCache, default_cache_dir
 from adaptation.trust import SourceTrust
 from adaptation.updater import UpdateConfig, UpdaterSnapshot

@@ -1,8 +1,9 @@
 """How MAC's answers scale with the memory: F1 and latency at banks of growing size.
 
 Each size gets a fresh bank holding the target documents (whose questions are scored) and filler
-articles about other new people up to that many entries, so the targets have to be picked out
-of an ever larger memory. Latency is measured with the aggregator as trained (folding the memory
+up to that many entries, so the targets have to be picked out of an ever larger memory. Filler
+is the data's own later documents first (SQuAD passages for a SQuAD stream, so the distractors
+read like the targets on any base), then articles about other new people of the world. Latency is measured with the aggregator as trained (folding the memory
 hierarchically once it exceeds its window) and with the hierarchy switched off (one attention
 over every entry), which is what the folding buys. The trained system's own bank is restored
 afterwards.
@@ -310,15 +311,26 @@ def run_scaling_study(
     targets: int = 20,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """The study end to end: the first `targets` documents of `data`, filler from the default
-    world, the report written to `out` as scaling.json, scaling.md and scaling.png."""
+    """The study end to end on any base: the first `targets` documents of `data` (JSONL or
+    SQuAD-style JSON), filler from the rest of `data` and then the default world, the report
+    written to `out` as scaling.json, scaling.md and scaling.png."""
     cfg = config or ScalingConfig()
     base, tokenizer = load_base(model)
     system = MacSystem.load(mac_dir, base, tokenizer)
-    target_docs = read_documents(data, limit=targets)
+    docs = list({d.id: d for d in read_documents(data)}.values())
+    target_docs = docs[:targets]
+    needed = max(0, cfg.sizes[-1] - len(target_docs))
+    own = docs[targets : targets + needed]
     avoid = {d.title for d in target_docs if d.title}
-    filler = filler_documents(max(0, cfg.sizes[-1] - len(target_docs)), avoid)
+    world = filler_documents(needed - len(own), avoid) if needed > len(own) else []
+    filler = own + world
     report = run_scaling(system, target_docs, filler, cfg)
-    report |= {"model": str(model), "mac_dir": str(mac_dir), "data": str(data), "command": command}
+    report |= {
+        "model": str(model),
+        "mac_dir": str(mac_dir),
+        "data": str(data),
+        "filler_from_data": len(own),
+        "command": command,
+    }
     write_scaling(report, Path(out))
     return report

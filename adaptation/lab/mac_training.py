@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -37,11 +38,15 @@ from adaptation.updater import weighted_lm_loss
 
 @dataclass(frozen=True)
 class MacTrainConfig:
-    """Optimisation and network sizes. `time_limit_s` stops training early (keeping the best
-    checkpoint so far; the learning rate decays on whichever budget runs out first), so a run
-    fits a wall-clock budget whatever the machine. The final F1 evaluation comes after it."""
+    """Optimisation and network sizes. `max_steps` and `time_limit_s` stop training early
+    (keeping the best checkpoint so far; the learning rate decays on whichever budget runs out
+    first), so a run fits a budget whatever the machine. The final F1 evaluation comes after it.
+    `encoder` says what reads the documents: the networks' `own` small encoder, or the frozen
+    `base` at hidden state `encoder_layer`; `question_encoder` the same for questions (None:
+    as `encoder`)."""
 
     epochs: int = 40
+    max_steps: int | None = None
     batch_docs: int = 16
     lr: float = 3e-4
     warmup_steps: int = 50
@@ -63,6 +68,9 @@ class MacTrainConfig:
     window: int = 32
     chunk: int = 32
     dropout: float = 0.0
+    encoder: Literal["own", "base"] = "own"
+    question_encoder: Literal["own", "base"] | None = None
+    encoder_layer: int = -1
 
 
 QUICK = MacTrainConfig(
@@ -274,8 +282,12 @@ def train_mac(
         window=cfg.window,
         chunk=cfg.chunk,
         dropout=cfg.dropout,
+        encoder=cfg.encoder,
+        question_encoder=cfg.question_encoder,
+        encoder_layer=cfg.encoder_layer,
     )
     networks = MacNetworks(mac_config)
+    networks.bind(base)
     report = MacTrainReport(base=str(base_dir), config=asdict(cfg))
     report.embeddings_from_base = networks.init_from_base(base)
     networks.to(base.device).train()
@@ -287,7 +299,7 @@ def train_mac(
         raise ValueError("MAC training needs documents with questions in both --train and --val")
 
     steps_per_epoch = len(_batches(train, cfg.batch_docs, random.Random(0)))
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = max(1, min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf))
     val_every = cfg.val_every or steps_per_epoch
     optimizer = torch.optim.Adam(networks.parameters(), lr=cfg.lr)
     report.val_loss_no_memory = _no_memory_loss(base, val_batches, pad_id)

@@ -59,9 +59,12 @@ class Aggregator(nn.Module):
         )
         self.norm = nn.LayerNorm(config.width)
 
-    def queries(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Question ids/mask [B, S] -> query vectors [B, T, d]."""
-        return self.question(input_ids, mask)
+    def queries(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Question ids/mask [B, S] (and the base's hidden states, for a question encoder that
+        reads with the base) -> query vectors [B, T, d]."""
+        return self.question(input_ids, mask, hidden)
 
     def forward(
         self, queries: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None

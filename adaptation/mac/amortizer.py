@@ -1,14 +1,18 @@
 """The amortization network: one document in, one T x d modulation out, in a single forward pass.
 
-A small transformer encoder reads the text; T learned query vectors cross-attend to it (padding
-masked) and a position-wise MLP lifts each of the T outputs to the base model's width d. The
-question encoder of the aggregator is the same network with its own weights.
+What reads the text is the config's `reads`: `own`, a small transformer encoder of its own, or
+`base`, the frozen base itself, whose hidden states at `base_layer` are projected to the encoder's
+width (the base already reads; only a small head learns). Then T learned query vectors
+cross-attend to them (padding masked) and a position-wise MLP lifts each of the T outputs to the
+base model's width d. The question encoder of the aggregator is the same network with its own
+weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,7 +23,10 @@ from adaptation.mac.blocks import AttentionBlock
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Shape of a text -> T x d network. `vocab_size` follows the tokenizer it reads with."""
+    """Shape of a text -> T x d network. `vocab_size` follows the tokenizer it reads with.
+    `reads="base"`: the text is read by the frozen base (its own tokenizer; `out_width` is its
+    hidden size), at hidden state `base_layer` (0 = embeddings, -1 = the last layer); `layers`
+    own blocks may still follow, 0 for none."""
 
     vocab_size: int
     out_width: int
@@ -30,6 +37,16 @@ class EncoderConfig:
     num_tokens: int = 16
     max_length: int = 256
     dropout: float = 0.0
+    reads: Literal["own", "base"] = "own"
+    base_layer: int = -1
+
+    def __post_init__(self) -> None:
+        if self.reads not in ("own", "base"):
+            raise ValueError(f"an encoder reads with 'own' or 'base', not {self.reads!r}")
+
+    @property
+    def reads_base(self) -> bool:
+        return self.reads == "base"
 
 
 class Amortizer(nn.Module):
@@ -37,10 +54,13 @@ class Amortizer(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.embed = nn.Embedding(c.vocab_size, c.width)
-        self.position = nn.Embedding(c.max_length, c.width)
-        for table in (self.embed, self.position):
-            nn.init.normal_(table.weight, std=0.02)
+        if c.reads_base:
+            self.read = nn.Sequential(nn.LayerNorm(c.out_width), nn.Linear(c.out_width, c.width))
+        else:
+            self.embed = nn.Embedding(c.vocab_size, c.width)
+            self.position = nn.Embedding(c.max_length, c.width)
+            for table in (self.embed, self.position):
+                nn.init.normal_(table.weight, std=0.02)
         self.encoder = nn.ModuleList(
             AttentionBlock(c.width, c.heads, cross=False, dropout=c.dropout)
             for _ in range(c.layers)
@@ -66,7 +86,10 @@ class Amortizer(nn.Module):
     def init_embeddings(self, table: torch.Tensor) -> None:
         """Start from a base model's token embeddings [V, d] (same tokenizer), so the encoder
         begins with meaningful tokens instead of noise: copied when d equals the encoder width,
-        else projected onto their top principal directions."""
+        else projected onto their top principal directions. An encoder reading with the base has
+        no table of its own: nothing to do."""
+        if self.config.reads_base:
+            return
         vocab, width = self.embed.weight.shape
         if table.shape[0] != vocab:
             raise ValueError(
@@ -82,15 +105,23 @@ class Amortizer(nn.Module):
             table[:, : directions.shape[1]] = centred @ directions
         self.embed.weight.copy_(table * (0.02 / table.std().clamp(min=1e-8)))
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids/mask [B, S] (mask True on real tokens) -> modulations [B, T, out_width]."""
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ids/mask [B, S] (mask True on real tokens) -> modulations [B, T, out_width].
+        An encoder that reads with the base takes the base's `hidden` states [B, S, d] too."""
         if input_ids.shape[1] > self.config.max_length:
             raise ValueError(
                 f"{input_ids.shape[1]} tokens exceed the encoder's {self.config.max_length}; "
                 "truncate with tokenize()"
             )
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.embed(input_ids) + self.position(positions)
+        if self.config.reads_base:
+            if hidden is None:
+                raise ValueError("this encoder reads the base's hidden states; pass `hidden`")
+            h = self.read(hidden.to(self.read[1].weight.dtype))
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            h = self.embed(input_ids) + self.position(positions)
         for block in self.encoder:
             h = block(h, mask)
         h = self.encoder_norm(h)

@@ -1,17 +1,23 @@
 """A MAC system: trained networks + a memory bank + the frozen base they modulate.
 
 Ingesting a document is one forward pass of the amortizer with no gradient; answering aggregates
-the bank (or only the given documents' entries, for mac+rag) into a prefix for the base.
+the bank (or only the given documents' entries, for mac+rag) into a prefix for the base. With an
+`embed` function every entry also gets a retrieval key, and with `top_k` each question then
+aggregates only the k entries whose keys are nearest its own embedding (mac+rag in the service).
 
 On disk (`save`/`load`): mac_config.json, networks.safetensors, the encoder's tokenizer (the
-base's by default, but any works) in encoder_tokenizer/, and the bank in bank/.
+base's by default, but any works) in encoder_tokenizer/, and the bank in bank/. The networks'
+identity is a hash of the first two files; a bank records the identity of the networks that
+wrote it, and other networks refuse it (`BankMismatch`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +39,41 @@ NETWORKS = "networks.safetensors"
 ENCODER_TOKENIZER = "encoder_tokenizer"
 BANK = "bank"
 
+log = logging.getLogger(__name__)
+
+# Texts -> unit retrieval keys [N, e] (adaptation.retrieval.embed).
+Embed = Callable[[Sequence[str]], torch.Tensor]
+
+
+class BankMismatch(ValueError):
+    """A memory bank written by other networks than the ones asked to read it."""
+
+
+def networks_identity(directory: str | os.PathLike[str]) -> str:
+    """A short hash of the trained networks' config and weights, as saved in `directory`:
+    retrained networks, even of the same shape, read a bank differently."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, NETWORKS):
+        digest.update((Path(directory) / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_bank(
+    entries: tuple[int, int], written_by: str | None, cfg: MacConfig, networks_id: str | None
+) -> None:
+    """Refuse a bank whose (T, d) entries or recorded networks are not these networks'. A bank
+    that records no networks (or networks that record no identity) is judged by shape alone."""
+    if entries != (cfg.num_tokens, cfg.width):
+        raise BankMismatch(
+            f"the memory bank holds {entries[0]} x {entries[1]} entries but these MAC networks "
+            f"write {cfg.num_tokens} x {cfg.width}"
+        )
+    if written_by and networks_id and written_by != networks_id:
+        raise BankMismatch(
+            f"the memory bank was written by MAC networks {written_by}, not by these "
+            f"({networks_id})"
+        )
+
 
 class MacSystem:
     def __init__(
@@ -42,6 +83,9 @@ class MacSystem:
         tokenizer: PreTrainedTokenizerBase,
         encoder_tokenizer: PreTrainedTokenizerBase | None = None,
         bank: MemoryBank | None = None,
+        networks_id: str | None = None,
+        embed: Embed | None = None,
+        top_k: int = 0,
     ) -> None:
         cfg = networks.config
         shape = PrefixShape.of(base_model)
@@ -50,9 +94,17 @@ class MacSystem:
                 f"these MAC networks were trained for a base shaped {cfg.prefix}, not {shape}; "
                 "train them for this base with `uptake meta-train mac`"
             )
+        if top_k and embed is None:
+            raise ValueError("retrieving the top-k entries needs an embed function")
         self.base = base_model
         self.tokenizer = tokenizer
-        self.encoder_tokenizer = encoder_tokenizer or tokenizer
+        # An encoder reading with the base reads the base's own tokens.
+        self.encoder_tokenizer = (
+            tokenizer if networks.reads_base else (encoder_tokenizer or tokenizer)
+        )
+        self.networks_id = networks_id
+        self.embed = embed
+        self.top_k = top_k
         if len(self.encoder_tokenizer) > cfg.amortizer.vocab_size:
             raise ValueError(
                 f"the encoder tokenizer has {len(self.encoder_tokenizer)} tokens but the encoder "
@@ -60,9 +112,11 @@ class MacSystem:
             )
         self.device = next(base_model.parameters()).device
         self.networks = networks.to(self.device).eval()
-        self.bank = bank or MemoryBank(cfg.num_tokens, cfg.width)
-        if (self.bank.num_tokens, self.bank.width) != (cfg.num_tokens, cfg.width):
-            raise ValueError("the memory bank's entry shape does not match the networks")
+        self.networks.bind(base_model)
+        self.bank = bank if bank is not None else MemoryBank(cfg.num_tokens, cfg.width)
+        check_bank((self.bank.num_tokens, self.bank.width), self.bank.networks, cfg, networks_id)
+        self.bank.networks = self.bank.networks or networks_id
+        self._unkeyed_warned = False
 
     @classmethod
     def create(
@@ -97,7 +151,7 @@ class MacSystem:
             else None
         )
         bank = MemoryBank.load(src / BANK) if (src / BANK).is_dir() else None
-        return cls(networks, base_model, tokenizer, encoder_tok, bank)
+        return cls(networks, base_model, tokenizer, encoder_tok, bank, networks_identity(src))
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         out = Path(directory)
@@ -123,18 +177,20 @@ class MacSystem:
 
     def ingest(self, doc_id: str, text: str) -> bool:
         """Amortize a document into the bank; False if the bank already holds its id."""
-        if doc_id in self.bank:
-            return False
-        return self.bank.append(doc_id, self.modulate([text])[0])
+        return self.ingest_many([(doc_id, text)]) == 1
 
     def ingest_many(self, docs: Sequence[tuple[str, str]], batch_size: int = 16) -> int:
-        """(doc_id, text) pairs, amortized in batches; returns how many were new."""
+        """(doc_id, text) pairs, amortized (and keyed, with `embed`) in batches; returns how
+        many were new. A bank saved without keys stays without them."""
         new = [(i, t) for i, t in dict(docs).items() if i not in self.bank]
         added = 0
         for start in range(0, len(new), batch_size):
             chunk = new[start : start + batch_size]
-            for (doc_id, _), modulation in zip(chunk, self.modulate([t for _, t in chunk])):
-                added += self.bank.append(doc_id, modulation)
+            texts = [t for _, t in chunk]
+            keyed = self.embed is not None and (self.bank.keyed or not len(self.bank))
+            keys = self.embed(texts) if keyed and self.embed is not None else [None] * len(chunk)
+            for (doc_id, _), modulation, key in zip(chunk, self.modulate(texts), keys):
+                added += self.bank.append(doc_id, modulation, key)
         return added
 
     def drop(self, doc_id: str) -> bool:
@@ -144,8 +200,11 @@ class MacSystem:
     def prefix(
         self, questions: Sequence[str], doc_ids: Sequence[Sequence[str]] | None = None
     ) -> PrefixKV | None:
-        """The prefix for each question: over the whole bank, or over its own `doc_ids` only.
-        None when no question has any memory (the plain base answers)."""
+        """The prefix for each question: over its own `doc_ids` only, else over its `top_k`
+        retrieved entries, else over the whole bank. None when no question has any memory (the
+        plain base answers)."""
+        if doc_ids is None:
+            doc_ids = self.retrieve(questions)
         if doc_ids is None:
             if not len(self.bank):
                 return None
@@ -159,6 +218,18 @@ class MacSystem:
         cfg = self.networks.config.question
         q_ids, q_mask = tokenize(self.encoder_tokenizer, questions, cfg.max_length, self.device)
         return self.networks.prefix(q_ids, q_mask, memory.to(self.device, torch.float32), mask)
+
+    def retrieve(self, questions: Sequence[str]) -> list[list[str]] | None:
+        """Each question's `top_k` nearest entries; None to read the whole bank (no top_k, or a
+        bank saved without keys, which is said once)."""
+        if not self.top_k or not len(self.bank) or self.embed is None:
+            return None
+        if not self.bank.keyed:
+            if not self._unkeyed_warned:
+                log.warning("mac: this bank keeps no retrieval keys; answering from all of it")
+                self._unkeyed_warned = True
+            return None
+        return self.bank.search(self.embed(questions), self.top_k)
 
     def answer(
         self,

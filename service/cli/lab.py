@@ -285,6 +285,23 @@ MAC_OPTIONS = (
     opt("--width", "encoder width", type=int),
     opt("--layers", "encoder layers", type=int),
     opt(
+        "--encoder",
+        "what reads the documents: own (a small encoder of the networks' own) or base (the "
+        "frozen base, read out at --encoder-layer into the T tokens by a small head)",
+        choices=("own", "base"),
+    ),
+    opt(
+        "--question-encoder",
+        "what reads the questions: own or base (default: as --encoder)",
+        choices=("own", "base"),
+    ),
+    opt(
+        "--encoder-layer",
+        "with base: the hidden state read (0 = embeddings, -1 = last layer)",
+        type=int,
+    ),
+    opt("--steps", "stop after this many steps", to="max_steps", type=int),
+    opt(
         "--minutes",
         "stop training after this long (a short F1 evaluation follows)",
         to=None,
@@ -718,8 +735,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="--mac-scaling: the stream whose first --targets documents are scored "
-        "(default: the world's eval_stream.jsonl)",
+        help="--mac-scaling: JSONL or SQuAD-style JSON whose first --targets documents are "
+        "scored and whose later ones are the first filler (default: the world's "
+        "eval_stream.jsonl)",
     )
     p.add_argument(
         "--targets",

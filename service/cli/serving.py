@@ -40,12 +40,17 @@ def service_settings(args: argparse.Namespace) -> Settings:
 
 def checked_settings(args: argparse.Namespace) -> Settings | None:
     """The service settings, or None (with the reason printed) when the mode cannot run: before
-    any model loads or child process starts."""
+    any model loads or child process starts. Mode mac also checks the stored banks against its
+    networks."""
     from service.settings import ConfigError
 
     settings = service_settings(args)
     try:
         settings.check()
+        if settings.mode == "mac":
+            from service.backends.mac import check_banks
+
+            check_banks(settings)
     except ConfigError as exc:
         print(f"uptake {args.command}: {exc}", file=sys.stderr)
         return None

