@@ -36,6 +36,9 @@ from adaptation.learner import (
     SelfEditWriting,
     fresh_adapter,
 )
+from adaptation.mac.bank import MemoryBank
+from adaptation.mac.knowledge import BankKnowledge
+from adaptation.mac.system import MacSystem
 from adaptation.metrics import score
 from adaptation.modeling import LoraSettings, load_base, without_adapters
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT
@@ -304,33 +307,18 @@ class RagMethod(BaseMethod):
         return super().answer(questions, contexts)
 
 
-class MacMethod(BaseMethod):
+class MacMethod(BankKnowledge, BaseMethod):
     """MAC: each document becomes one modulation in a memory bank; no gradient at ingest."""
 
     name = "mac"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        from adaptation.mac.system import MacSystem
-
-        super().__init__(model_dir, cfg)
-        self.system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
+        BaseMethod.__init__(self, model_dir, cfg)
+        system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
+        BankKnowledge.__init__(self, system, cfg.max_new_tokens)
         self.reset()
 
-    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
-        self.system.ingest(doc.id, doc.text)
-        return IngestResult(applied=True)
-
-    def answer(
-        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
-    ) -> list[str]:
-        return self.system.answer(questions, contexts=contexts, max_new_tokens=self.max_new_tokens)
-
-    def memory_bytes(self) -> int:
-        return self.system.bank.nbytes
-
     def reset(self) -> None:
-        from adaptation.mac.bank import MemoryBank
-
         self.system.bank = MemoryBank(self.system.bank.num_tokens, self.system.bank.width)
 
 

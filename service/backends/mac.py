@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adaptation.answering import SCORED_ANSWER_TOKENS
-from adaptation.data import Document
-from adaptation.learner import IngestResult
 from adaptation.mac.bank import BankIndex, MemoryBank
+from adaptation.mac.knowledge import BankKnowledge
 from adaptation.mac.networks import MacConfig
 from adaptation.mac.system import (
     BANK,
@@ -119,34 +117,9 @@ class MacModels:
         return MacBackend(self.system(snapshot))
 
 
-class MacBackend:
-    """One namespace's bank in the worker: a document is appended, a snapshot saves the bank.
-
-    Only the text is amortized. Source trust, source tags and self-edits are ignored: there is no
-    update to scale (an entry is in the bank or not; a distrusted source's documents belong in
-    another namespace, or forgotten), and the amortizer was trained on documents alone, so
-    self-edits would be entries it was never meant to read."""
-
-    def __init__(self, system: MacSystem) -> None:
-        self.system = system
-
-    def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
-        # An id the bank already holds is a no-op that still counts as applied: it is learned.
-        self.system.ingest(doc.id, doc.text)
-        return IngestResult(applied=True)
-
-    def answer(
-        self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
-    ) -> list[str]:
-        return self.system.answer(questions, contexts=contexts, max_new_tokens=SCORED_ANSWER_TOKENS)
-
-    def memory_bytes(self) -> int:
-        return self.system.bank.nbytes
-
-    def drop(self, doc_id: str) -> bool:
-        """Forget a document by removing its entry; False if the bank does not hold it. Entries
-        do not depend on each other, so nothing needs replaying."""
-        return self.system.drop(doc_id)
+class MacBackend(BankKnowledge):
+    """One namespace's bank in the worker: a document is appended, a snapshot saves the bank. A
+    distrusted source's documents belong in another namespace, or forgotten."""
 
     def write_state(self, directory: Path) -> None:
         self.system.save_bank(directory)
