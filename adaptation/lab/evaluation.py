@@ -764,8 +764,9 @@ def run_eval(
             results.append(r)
             log(f"{name} seed={seed}: {_describe(r)}, {r.seconds_per_doc * 1000:.0f} ms/doc")
             del method
-    report = build_report(results, base, cfg, data_p, model_dir, sweep)
-    write_report(report, out)
+            # Every finished run is written at once, so a run stopped later still leaves its rows.
+            report = build_report(results, base, cfg, data_p, model_dir, sweep)
+            write_report(report, out)
     return report
 
 
