@@ -24,14 +24,18 @@ class Option:
 
     @property
     def dest(self) -> str:
-        return str(self.kwargs.get("dest") or self.flag.lstrip("-").replace("-", "_"))
+        return _dest(self.flag, self.kwargs)
+
+
+def _dest(flag: str, kwargs: dict[str, Any]) -> str:
+    """Where argparse puts the flag's value."""
+    return str(kwargs.get("dest") or flag.lstrip("-").replace("-", "_"))
 
 
 def opt(flag: str, help: str, to: str | None = SAME, **kwargs: Any) -> Option:
     """An option whose value fills the config field of the same name, unless `to` names
     another field or is None."""
-    option = Option(flag, help, None, kwargs)
-    return Option(flag, help, option.dest if to == SAME else to, kwargs)
+    return Option(flag, help, _dest(flag, kwargs) if to == SAME else to, kwargs)
 
 
 def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
