@@ -399,38 +399,13 @@ def test_weights_cli_renders_colour_and_png(
 def test_cli_bad_input_is_a_clear_error(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = main(
-        [
-            "meta-train",
-            "camels",
-            "--base",
-            str(tiny_model_dir),
-            "--train",
-            str(tmp_path / "none.jsonl"),
-            "--val",
-            str(tmp_path / "none.jsonl"),
-            "--out",
-            str(tmp_path / "o"),
-            "--quick",
-        ]
-    )
-    assert rc == 2 and "no dataset at" in capsys.readouterr().err
-    rc = main(
-        [
-            "meta-train",
-            "camels",
-            "--base",
-            str(tiny_model_dir),
-            "--train",
-            "x",
-            "--val",
-            "x",
-            "--out",
-            str(tmp_path / "o"),
-            "--episode-docs",
-            "0",
-        ]
-    )
-    assert rc == 2 and "episode_docs must be at least 1" in capsys.readouterr().err
+    def meta_train(data: str, *extra: str) -> int:
+        args = ["meta-train", "camels", "--base", str(tiny_model_dir), "--train", data]
+        return main([*args, "--val", data, "--out", str(tmp_path / "o"), *extra])
+
+    assert meta_train(str(tmp_path / "none.jsonl"), "--quick") == 2
+    assert "no dataset at" in capsys.readouterr().err
+    assert meta_train("x", "--episode-docs", "0") == 2
+    assert "episode_docs must be at least 1" in capsys.readouterr().err
     assert main(["weights", "--weighter", str(tmp_path / "nowhere"), "text"]) == 2
     assert "no weighting model" in capsys.readouterr().err
