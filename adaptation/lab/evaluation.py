@@ -437,16 +437,9 @@ class Held:
             reading_contexts=[d.text for d in passages for _ in d.questions],
         )
 
-    def score(self, method: BaseMethod) -> tuple[dict[str, float], dict[str, float], float]:
-        """Retention and reading scores, and the seconds per retention question (per reading
-        question, in context, where there are no retention questions)."""
-        t = time.perf_counter()
-        retention = _score(method, self.retention)
-        middle = time.perf_counter()
-        reading = _score(method, self.reading, self.reading_contexts)
-        if self.retention:
-            return retention, reading, (middle - t) / len(self.retention)
-        return retention, reading, (time.perf_counter() - middle) / max(1, len(self.reading))
+    def score(self, method: BaseMethod) -> tuple[dict[str, float], dict[str, float]]:
+        """Retention and reading scores."""
+        return _score(method, self.retention), _score(method, self.reading, self.reading_contexts)
 
 
 @dataclass(frozen=True)
@@ -462,7 +455,7 @@ class Baseline:
 
     @classmethod
     def measure(cls, base: BaseMethod, docs: list[Document], held: Held) -> Baseline:
-        retention, reading, _ = held.score(base)
+        retention, reading = held.score(base)
         stream, per_doc = _by_document(base, docs)
         return cls(docs, held, stream, per_doc, retention, reading)
 
@@ -553,7 +546,7 @@ def _stream(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) ->
     grid: list[list[float | None]] = [[None] * len(docs) for _ in docs] if run.matrix else []
     marks = _marks(len(docs), run.checkpoints)
     curve = [(0, base.stream["f1"])]
-    ingest_s = 0.0
+    ingest_s = answer_s = 0.0
     after = base.stream
     desc = f"{run.name} lr={run.lr}"
     for n, doc in enumerate(tqdm(docs, desc=desc, unit="doc", disable=not run.progress), 1):
@@ -564,9 +557,11 @@ def _stream(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) ->
             for i, scored in enumerate(_by_document(method, docs[:n])[1]):
                 grid[i][n - 1] = None if scored is None else scored["f1"]
         if n in marks:
+            t = time.perf_counter()
             after = _score(method, qas)
+            answer_s = (time.perf_counter() - t) / max(1, len(qas))
             curve.append((n, after["f1"]))
-    return _result(method, base, run, base.stream, after, curve, ingest_s, grid)
+    return _result(method, base, run, base.stream, after, curve, (ingest_s, answer_s), grid)
 
 
 def _single(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) -> RunResult:
@@ -577,7 +572,7 @@ def _single(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) ->
     before = base.before("single")
     curve = [(0, before["f1"])]
     afters: list[dict[str, float]] = []
-    ingest_s = 0.0
+    ingest_s = answer_s = 0.0
     desc = f"{run.name} lr={run.lr} (single)"
     pairs = list(zip(base.docs, base.per_doc, strict=True))
     for n, (doc, doc_before) in enumerate(
@@ -588,10 +583,15 @@ def _single(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) ->
         method.ingest(doc, trust.update_scale(doc.source))
         ingest_s += time.perf_counter() - t
         if doc_before is not None:
+            t = time.perf_counter()
             afters.append(_score(method, doc.questions))
+            answer_s += time.perf_counter() - t
         if n in marks:
             curve.append((n, _mean(afters)["f1"]))
-    return _result(method, base, run, before, _mean(afters), curve, ingest_s, [])
+    asked = max(1, sum(len(d.questions) for d in base.docs))
+    return _result(
+        method, base, run, before, _mean(afters), curve, (ingest_s, answer_s / asked), []
+    )
 
 
 def _result(
@@ -601,10 +601,13 @@ def _result(
     before: dict[str, float],
     after: dict[str, float],
     curve: list[tuple[int, float]],
-    ingest_s: float,
+    seconds: tuple[float, float],
     grid: list[list[float | None]],
 ) -> RunResult:
-    retention, reading, answer_s = base.held.score(method)
+    """`seconds`: all ingesting, and answering per question of the documents (the last
+    scoring, or every document's under `single`)."""
+    ingest_s, answer_s = seconds
+    retention, reading = base.held.score(method)
     return RunResult(
         strategy=run.name,
         seed=run.seed,

@@ -233,7 +233,7 @@ def test_reading_asks_each_held_out_question_with_its_own_passage(
     write_documents(tmp_path / "retention.jsonl", [FACTS[2]])
     held = Held.read(tmp_path / "retention.jsonl", tmp_path / "reading.jsonl")
     method = ContextRecording(str(tiny_model_dir), EvalConfig(device="cpu"))
-    retention, reading, _ = held.score(method)
+    retention, reading = held.score(method)
     assert method.contexts == [None, [passages[0].text, passages[0].text, passages[1].text]]
     qas = all_questions(passages)
     answers = generate_answers(
@@ -269,6 +269,7 @@ def test_single_protocol_report_with_reading(quick_home: Path, tmp_path: Path) -
     assert report["protocol"] == "single" and report["reading_questions"] > 0
     for row in report["strategies"]:
         assert row["curve"][-1][0] == 3 and "mean" in row["uptake_recall"]
+        assert row["answer_ms"] > 0  # timed on the documents' own questions
     for run in report["runs"]:  # the quick model reads nothing, so the ratio itself is NaN
         assert run["reading_after"]["n"] == report["reading_questions"]
         assert not math.isnan(run["reading_after"]["f1"]) and "recall" in run["after"]
