@@ -126,9 +126,14 @@ class ServingEngine:
     def answer(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int]:
         """A closed-book answer in the QA format, and the adapter version it came from.
         Concurrent calls are answered together in micro-batches."""
+        text, version, _ = self._ask(question, namespace, max_new_tokens)
+        return text, version
+
+    def _ask(self, question: str, namespace: str, max_new_tokens: int) -> tuple[str, int, int]:
+        """The answer, its version, and the prompt's tokens."""
         prompt = qa_prompt(self._loaded_tokenizer(), question)
-        budget, _ = self._fit_context(prompt, max_new_tokens, "question")
-        return self._batcher.answer(question, namespace, budget)
+        budget, used = self._fit_context(prompt, max_new_tokens, "question")
+        return *self._batcher.answer(question, namespace, budget), used
 
     def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Reply:
         """The next assistant turn of a conversation, in the base's chat template, to the end of
@@ -363,10 +368,8 @@ class MacServingEngine(ServingEngine):
 
     def chat(self, messages: list[Message], namespace: str, max_new_tokens: int) -> Reply:
         """The bank is read with a question: the last user message is asked."""
-        question = last_question(messages)
-        text, version = self.answer(question, namespace, max_new_tokens)
-        prompt = qa_prompt(self._loaded_tokenizer(), question)
-        return Reply(text, version, self.count_tokens(prompt), self.count_tokens(text))
+        text, version, used = self._ask(last_question(messages), namespace, max_new_tokens)
+        return Reply(text, version, used, self.count_tokens(text))
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Reply:
         budget, used = self._fit_context(prompt, max_new_tokens, "prompt")
