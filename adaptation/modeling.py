@@ -58,9 +58,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware is built for it; fp32 on CPU, where bf16 matmuls are slow and lossy."""
+    """bf16 where the hardware is built for it; fp32 on CPU, where bf16 matmuls are slow on most
+    chips (`UPTAKE_DTYPE=bfloat16` opts in on one with AVX-512 BF16 or AMX)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """A dtype by name (`float32`, `bfloat16`); None or `auto`: the device's default."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_base(

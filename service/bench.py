@@ -73,7 +73,7 @@ class BareLoop:
     """The worker's learner alone, on its own copy of the model: no Redis, queue or snapshots."""
 
     def __init__(self, settings: Settings) -> None:
-        base, tokenizer = load_base(settings.model, settings.device)
+        base, tokenizer = load_base(settings.model, settings.device, settings.torch_dtype())
         model = fresh_adapter(base, settings.lora(), LORA_SEED)
         self.learner = Learner(
             model, tokenizer, build_weighter(settings), settings.update(), learn_settings(settings)
@@ -177,7 +177,7 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 def bare_answer_rate(settings: Settings, questions: list[str]) -> float:
     """Sequential single-question generate calls in-process: the baseline for (b)."""
-    model, tokenizer = load_base(settings.model, settings.device)
+    model, tokenizer = load_base(settings.model, settings.device, settings.torch_dtype())
     generate_answers(model, tokenizer, questions[:2], max_new_tokens=12)
     started = time.perf_counter()
     for q in questions:

@@ -104,7 +104,9 @@ class ServingEngine:
             self._thread.join(timeout=10)
 
     def load(self) -> None:
-        model, tokenizer = load_base(self.settings.model, self.settings.device)
+        model, tokenizer = load_base(
+            self.settings.model, self.settings.device, self.settings.torch_dtype()
+        )
         model.requires_grad_(False)
         self._tokenizer = tokenizer
         self._counter = copy.deepcopy(tokenizer)

@@ -7,12 +7,13 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
+import torch
 from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, packaged_base, require_package
 from adaptation.mac.system import CONFIG as MAC_CONFIG
-from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings
+from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, dtype_named
 from adaptation.paths import (
     base_weighter_dir,
     demo_mac_dir,
@@ -108,6 +109,12 @@ class Settings(BaseSettings):
     max_doc_tokens: int = Field(default=1024, ge=8, description="tokens per update chunk")
     chunk_chars: int = Field(default=4000, ge=100, description="long documents split here")
     device: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="the base's weights: auto is bfloat16 on a GPU and float32 on a CPU; "
+        "bfloat16 on a CPU with AVX-512 BF16 or AMX steps and answers faster "
+        "(docs/results/bench-real-base.md)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
     )
@@ -241,6 +248,10 @@ class Settings(BaseSettings):
                 value = ",".join(value)
             env[f"UPTAKE_{name.upper()}"] = str(value)
         return env
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """The base's dtype (None: the device's default)."""
+        return dtype_named(self.dtype)
 
     def lora(self) -> LoraSettings:
         return LoraSettings(

@@ -40,7 +40,7 @@ from adaptation.mac.bank import MemoryBank
 from adaptation.mac.knowledge import BankKnowledge
 from adaptation.mac.system import MacSystem
 from adaptation.metrics import score
-from adaptation.modeling import LoraSettings, load_base, without_adapters
+from adaptation.modeling import LoraSettings, dtype_named, load_base, without_adapters
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT
 from adaptation.retrieval import Retriever, as_context
 from adaptation.self_edit_cache import SelfEditCache, default_cache_dir
@@ -77,6 +77,7 @@ class EvalConfig:
     retention_floor: float = 0.9
     retention_matrix: bool = False
     device: str | None = None
+    dtype: str | None = None  # None or "auto": the device's default (adaptation.modeling)
     sweep_steps: tuple[int, ...] = ()
     tuned: dict[str, tuple[float, int]] = field(default_factory=dict)
     trust: dict[str, float] = field(default_factory=dict)
@@ -97,7 +98,9 @@ class BaseMethod:
     name = "base"
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
-        self.model, self.tokenizer = load_base(model_dir, device=cfg.device)
+        self.model, self.tokenizer = load_base(
+            model_dir, device=cfg.device, dtype=dtype_named(cfg.dtype)
+        )
         self.max_new_tokens = cfg.max_new_tokens
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:

@@ -64,7 +64,9 @@ class LoraModels:
     def __init__(self, settings: Settings, weighter: Weighter) -> None:
         self.settings = settings
         self.weighters = {settings.strategy: weighter}
-        self.base, self.tokenizer = load_base(settings.model, settings.device)
+        self.base, self.tokenizer = load_base(
+            settings.model, settings.device, settings.torch_dtype()
+        )
         self.model: PeftModel | None = None
         self._opened = 0
 

@@ -94,7 +94,7 @@ class MacModels:
     def load(cls, settings: Settings) -> MacModels:
         """Check UPTAKE_MAC_DIR before the slow part, then load the base and the networks."""
         directory = settings.mac_networks()
-        base, tokenizer = load_base(settings.model, settings.device)
+        base, tokenizer = load_base(settings.model, settings.device, settings.torch_dtype())
         base.requires_grad_(False)
         return cls(base, tokenizer, directory, settings.mac_top_k)
 

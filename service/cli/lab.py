@@ -224,6 +224,12 @@ EVAL_OPTIONS = (
         action="store_true",
     ),
     opt("--device", "cpu or cuda (default: cuda when available)"),
+    opt(
+        "--dtype",
+        "the base's weights, as the service's UPTAKE_DTYPE (default auto: bfloat16 on a GPU, "
+        "float32 on a CPU)",
+        choices=["auto", "float32", "bfloat16"],
+    ),
 )
 CAMELS_OPTIONS = (
     opt(
@@ -696,7 +702,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "(d) ingest and storage cost per document. Each pair is measured in the same run. "
         "With --mac-scaling, only MAC's memory scaling instead: F1, answer latency and ingest "
         "cost with memory banks of --sizes entries (writes scaling.json, scaling.md, "
-        "scaling.png).",
+        "scaling.png). With --cpu-options, only the CPU settings study instead: threads, "
+        "dtype, documents per step, a static KV cache (and with --compile, torch.compile), "
+        "each against float32 on one thread (writes cpu-options.json, .md, .png).",
     )
     p.add_argument(
         "--model",
@@ -745,6 +753,19 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         default=20,
         help="--mac-scaling: target documents (default 20)",
     )
+    p.add_argument(
+        "--cpu-options",
+        action="store_true",
+        help="run only the CPU settings study: a LoRA step and an answer under each setting",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="--cpu-options: also time torch.compile (compiling takes minutes on a CPU)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="--cpu-options: interleaved rounds (default 3)"
+    )
     p.set_defaults(handler=_run_bench)
 
 
@@ -754,6 +775,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.mac_scaling:
         return _run_mac_scaling(args)
+    if args.cpu_options:
+        return _run_cpu_options(args)
 
     from service.bench import BenchConfig, run_bench
     from service.redis_conn import close_embedded
@@ -776,6 +799,37 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.fail_below is not None and ratio < args.fail_below:
         print(f"FAIL: worker_vs_bare_ratio {ratio:.2f} is below {args.fail_below:g}")
         return 1
+    return 0
+
+
+def _run_cpu_options(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from adaptation.lab.cpu_options import run_cpu_options
+    from service.backends.lora import build_weighter
+    from service.bench import stream_documents
+    from service.settings import Settings
+
+    if args.rounds < 1:
+        print(f"uptake bench --cpu-options: --rounds must be at least 1, got {args.rounds}")
+        return 2
+    model = args.model or DEFAULT_BASE
+    docs = stream_documents(8)[:8]
+    flags = ["--cpu-options", "--model", model, "--rounds", str(args.rounds)]
+    flags += ["--compile"] if args.compile else []
+    command = shlex.join(["uptake", "bench", *flags, "--out", args.out])
+    run_cpu_options(
+        model,
+        build_weighter(Settings()),
+        [d.text for d in docs],
+        [d.questions[0].question for d in docs],
+        Path(args.out),
+        rounds=args.rounds,
+        compile_too=args.compile,
+        command=command,
+    )
+    print((Path(args.out) / "cpu-options.md").read_text())
     return 0
 
 
