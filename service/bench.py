@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +44,9 @@ class BenchConfig:
     docs: int = 48
     questions: int = 96
     concurrency: tuple[int, ...] = (1, 8, 32)
+    namespaces: int = (
+        4  # the largest concurrency is measured again, its questions spread over these
+    )
     ingest_rate: float = 1.0  # documents per second for the freshness run
     freshness_docs: int = 20
     streamed: int = 8  # questions asked streamed and whole, one at a time
@@ -97,9 +100,16 @@ def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float 
     raise TimeoutError("the worker did not apply the benchmark documents in time")
 
 
-def _apply(worker: Worker, store: DocumentStore, texts: list[str]) -> None:
+def _apply(
+    worker: Worker, store: DocumentStore, texts: list[str], namespace: str = NAMESPACE
+) -> None:
     """Submit `texts` and turn the worker until all are applied and published."""
-    _drain(worker, store, [store.submit(t, NAMESPACE, source="bench").id for t in texts])
+    _drain(worker, store, [store.submit(t, namespace, source="bench").id for t in texts])
+
+
+def mixed_namespaces(n: int) -> list[str]:
+    """The bench namespace and n - 1 others, each to hold a published adapter of its own."""
+    return [NAMESPACE, *(f"{NAMESPACE}-{i}" for i in range(1, n))]
 
 
 def worker_vs_bare(
@@ -185,20 +195,32 @@ def bare_answer_rate(settings: Settings, questions: list[str]) -> float:
     return len(questions) / (time.perf_counter() - started)
 
 
-def http_answering(http: httpx.Client, questions: list[str], clients: int) -> dict[str, float]:
-    def ask(q: str) -> float:
+def http_answering(
+    http: httpx.Client, questions: list[str], clients: int, namespaces: Sequence[str] = ("default",)
+) -> dict[str, float]:
+    """Answers per second and latency quantiles; question i goes to namespace i mod n, so with
+    several namespaces each batch mixes adapters."""
+
+    versions: dict[str, int] = {}
+
+    def ask(i: int) -> float:
+        namespace = namespaces[i % len(namespaces)]
+        body = {"question": questions[i], "namespace": namespace, "max_new_tokens": 12}
         started = time.perf_counter()
-        r = http.post("/v1/answer", json={"question": q, "max_new_tokens": 12})
+        r = http.post("/v1/answer", json=body)
         r.raise_for_status()
+        versions[namespace] = r.json()["adapter_version"]
         return time.perf_counter() - started
 
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(ask, questions[:clients]))  # warm the connections
+        list(pool.map(ask, range(min(clients, len(questions)))))  # warm the connections
         started = time.perf_counter()
-        latencies = list(pool.map(ask, questions))
+        latencies = list(pool.map(ask, range(len(questions))))
         seconds = time.perf_counter() - started
     return {
         "clients": clients,
+        "namespaces": len(namespaces),
+        "versions": versions,  # what each namespace answered from: adapters, or 0 (the base)
         "answers_per_second": len(questions) / seconds,
         "p50_seconds": statistics.median(latencies),
         "p99_seconds": _quantile(latencies, 0.99),
@@ -351,6 +373,11 @@ def run_bench(
         log(f"(a) bare update loop and worker through Redis, on the same {cfg.docs} documents")
         bare, worker_dps, worker = worker_vs_bare(settings, texts)
         costs = ingest_costs(worker, texts)
+        others = mixed_namespaces(cfg.namespaces)[1:]
+        if others:
+            log(f"(b) adapters for {len(others)} more namespaces, to mix in one batch")
+        for namespace in others:
+            _apply(worker, DocumentStore(worker.redis, worker.keys), texts[:WARMUP_DOCS], namespace)
         client = worker.redis
         worker.shutdown()
         log(f"(b) bare generate: {len(questions)} sequential questions")
@@ -373,9 +400,12 @@ def run_bench(
             "freshness": {},
         }
         with live_service(service_env(settings), settings.store_dir / "logs", False) as http:
-            for clients in cfg.concurrency:
-                log(f"(b) HTTP answering with {clients} concurrent clients")
-                row = http_answering(http, questions, clients)
+            runs = [(clients, ["default"]) for clients in cfg.concurrency]
+            if cfg.namespaces > 1:
+                runs.append((max(cfg.concurrency), mixed_namespaces(cfg.namespaces)))
+            for clients, namespaces in runs:
+                row = http_answering(http, questions, clients, namespaces)
+                log(f"(b) HTTP answering: {_clients(row)}")
                 row["vs_bare_sequential"] = row["answers_per_second"] / bare_answers
                 report["answering"].append(row)
             log("(e) streamed chat: first piece against the whole reply")
@@ -388,6 +418,11 @@ def run_bench(
     report["command"] = command
     write_bench(report, out)
     return report
+
+
+def _clients(row: dict) -> str:
+    n = row.get("namespaces", 1)
+    return f"{row['clients']} clients" + (f" over {n} namespaces" if n > 1 else "")
 
 
 def bench_markdown(report: dict) -> str:
@@ -407,7 +442,7 @@ def bench_markdown(report: dict) -> str:
     ]
     for row in report["answering"]:
         lines.append(
-            f"| (b) answers/s: HTTP, {row['clients']} clients vs sequential bare generate | "
+            f"| (b) answers/s: HTTP, {_clients(row)} vs sequential bare generate | "
             f"{row['answers_per_second']:.1f} | {report['bare_sequential_answers_per_second']:.1f}"
             f" | **{row['vs_bare_sequential']:.2f}** |"
         )
@@ -419,7 +454,7 @@ def bench_markdown(report: dict) -> str:
     single = report["answering"][0]["answers_per_second"]
     for row in report["answering"]:
         lines.append(
-            f"| {row['clients']} | {row['answers_per_second']:.1f} | "
+            f"| {_clients(row)} | {row['answers_per_second']:.1f} | "
             f"{row['answers_per_second'] / single:.2f} | {row['p50_seconds']:.3f} | "
             f"{row['p99_seconds']:.3f} | {row['p99_seconds'] / row['p50_seconds']:.2f} |"
         )
@@ -476,7 +511,7 @@ def plot_bench(report: dict, path: Path) -> None:
     )
     left.set_ylabel("documents / s")
     left.set_title(f"(a) worker vs bare: {report['worker_vs_bare_ratio']:.2f}")
-    rows = report["answering"]
+    rows = [r for r in report["answering"] if r.get("namespaces", 1) == 1]
     right.plot([r["clients"] for r in rows], [r["answers_per_second"] for r in rows], "o-")
     right.axhline(report["bare_sequential_answers_per_second"], color="grey", ls="--")
     right.set_xscale("log", base=2)

@@ -40,7 +40,10 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
     assert report["worker_vs_bare_ratio"] == pytest.approx(
         report["worker_docs_per_second"] / report["bare_docs_per_second"]
     )
-    assert [row["clients"] for row in report["answering"]] == [1, 8]
+    answering = report["answering"]
+    assert [(row["clients"], row["namespaces"]) for row in answering] == [(1, 1), (8, 1), (8, 4)]
+    mixed = answering[-1]["versions"]  # every row of the mixed batches had its own adapter
+    assert len(mixed) == 4 and all(version >= 1 for version in mixed.values()), mixed
     assert all(row["p99_seconds"] >= row["p50_seconds"] > 0 for row in report["answering"])
     for mode in ("lora", "mac"):
         fresh = report["freshness"][mode]
