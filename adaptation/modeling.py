@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -170,15 +173,29 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
 
 
+def adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """A copy of the adapter's weights, which later training does not change."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_adapter_state(
+    state: dict[str, torch.Tensor], config: PeftConfig, out_dir: str | os.PathLike[str]
+) -> Path:
+    """Write weights from `adapter_state` as peft's `save_pretrained` lays an adapter out (a
+    flat, loadable directory), without touching the live model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    saved = copy.deepcopy(config)
+    saved.inference_mode = True
+    saved.save_pretrained(str(out))
+    return out
+
+
 def save_adapter(
     model: PeftModel, out_dir: str | os.PathLike[str], adapter_name: str = "default"
 ) -> Path:
-    out = Path(out_dir)
-    model.save_pretrained(str(out), selected_adapters=[adapter_name])
-    # peft nests non-default adapters in a sub-folder; keep every snapshot flat and loadable.
-    nested = out / adapter_name
-    if adapter_name != "default" and nested.is_dir():
-        for item in nested.iterdir():
-            item.rename(out / item.name)
-        nested.rmdir()
-    return out
+    return save_adapter_state(
+        adapter_state(model, adapter_name), model.peft_config[adapter_name], out_dir
+    )

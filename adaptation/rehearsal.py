@@ -67,11 +67,12 @@ class RehearsalMemory:
     def clear(self) -> None:
         self._entries.clear()
 
+    def dumps(self) -> str:
+        """One JSON object per line, oldest first ("" when empty)."""
+        return "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in self._entries)
+
     def save(self, path: Path) -> None:
-        """One JSON object per line, oldest first."""
-        with path.open("w", encoding="utf-8") as fh:
-            for entry in self._entries:
-                fh.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
+        path.write_text(self.dumps(), encoding="utf-8")
 
     def load(self, path: Path) -> None:
         """Replace the memory by the file's documents (the newest `window` of them)."""

@@ -7,6 +7,7 @@ adapter per namespace (`lora.py`), mode mac keeps a memory bank per namespace (`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,11 @@ class Backend(Knowledge, Protocol):
     lets go of it."""
 
     def write_state(self, directory: Path) -> None: ...
+
+    def capture_state(self) -> Callable[[Path], None]:
+        """A writer of the state as it is now, in memory: later learning does not change what
+        it writes, so a snapshot can be written in the background while learning goes on."""
+        ...
 
     def close(self) -> None: ...
 

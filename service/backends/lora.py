@@ -5,7 +5,8 @@ the optimizer state and, with rehearsal on, the learner's memory of the document
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from adaptation.learner import (
     SelfEditWriting,
     fresh_adapter,
 )
-from adaptation.modeling import RNG_LOCK, load_base, save_adapter
+from adaptation.modeling import RNG_LOCK, adapter_state, load_base, save_adapter_state
 from adaptation.weighting import make_weighter
 from adaptation.weighting.base import Weighter
 from service.settings import Settings
@@ -144,11 +145,22 @@ class LoraBackend:
     def memory_bytes(self) -> int:
         return self.learner.memory_bytes()
 
+    def capture_state(self) -> Callable[[Path], None]:
+        adapter = adapter_state(self.model, self.name)
+        config = self.model.peft_config[self.name]
+        optimizer = copy.deepcopy(self.learner.updater.state_dict())
+        memory = self.learner.memory.dumps()
+
+        def write(directory: Path) -> None:
+            save_adapter_state(adapter, config, directory)
+            torch.save(optimizer, directory / OPTIMIZER_FILE)
+            if memory:
+                (directory / REHEARSAL_FILE).write_text(memory, encoding="utf-8")
+
+        return write
+
     def write_state(self, directory: Path) -> None:
-        save_adapter(self.model, directory, adapter_name=self.name)
-        torch.save(self.learner.updater.state_dict(), directory / OPTIMIZER_FILE)
-        if len(self.learner.memory):
-            self.learner.memory.save(directory / REHEARSAL_FILE)
+        self.capture_state()(directory)
 
     def close(self) -> None:
         self.model.delete_adapter(self.name)

@@ -17,8 +17,9 @@ change without ingesting again. A bank written by other networks is refused: at 
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -123,6 +124,14 @@ class MacBackend(BankKnowledge):
 
     def write_state(self, directory: Path) -> None:
         self.system.save_bank(directory)
+
+    def capture_state(self) -> Callable[[Path], None]:
+        bank = copy.deepcopy(self.system.bank)
+
+        def write(directory: Path) -> None:
+            bank.save(directory / BANK)
+
+        return write
 
     def close(self) -> None:
         """Nothing to free: the bank goes with this object; the networks stay shared."""
