@@ -262,8 +262,10 @@ class Learner:
         return [result for run in runs for result in self._learn(run)]
 
     def _item(self, doc: Document, trust: float) -> _Item:
-        """The document ready to learn (a distrusted one gets no self-edits written)."""
-        edits = self.self_edit_sequences(doc) if trust else []
+        """The document ready to learn; at trust 0 nothing is weighed or written for it."""
+        if trust == 0.0:
+            return _Item(doc, [], _Lesson([], [], 0, trust))
+        edits = self.self_edit_sequences(doc)
         return _Item(doc, edits, self._lesson(doc.text, doc.source, edits, trust))
 
     def _learn(self, items: Sequence[_Item]) -> list[IngestResult]:
