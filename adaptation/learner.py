@@ -6,9 +6,8 @@ document's trust), then its self-edit sequences in padded micro-batches, and wit
 earlier documents again after it (`adaptation/rehearsal.py`). Several documents that queued up
 may be learned together (`Learner.learn_together`): those of one chunk, without self-edits and
 of one trust take one step on a padded micro-batch, which costs less per document than a step
-each. `Knowledge` is the interface every
-way of folding documents into a model answers to: the worker's modes and the evaluation's
-strategies.
+each. `Knowledge` is the interface every way of folding documents into a model answers to: the
+worker's modes and the evaluation's strategies.
 """
 
 from __future__ import annotations
@@ -301,7 +300,8 @@ class Learner:
         batch = tuple(i.doc.id for i in items) if together else None
         results = [
             IngestResult(
-                applied or not reasons,  # nothing long enough to learn from is a no-op
+                # Nothing long enough to learn from is a no-op, not a failure.
+                applied or not reasons,
                 i.lesson.chunks[0].num_tokens * passes if together else tokens,
                 "; ".join(reasons) or None,
                 trust=trust,

@@ -10,7 +10,9 @@ What it guarantees (docs/architecture.md, "Service"):
 - a document that keeps failing is retried, then dead-lettered with its reason;
 - before a version is published, the update guard asks the namespace's probe questions, and a
   version whose F1 falls by more than epsilon is held back with its documents flagged;
-- admin operations queued by the API (configure, rollback, forget) run between documents.
+- admin operations queued by the API (configure, rollback, forget) run between documents;
+- with `UPTAKE_LEARN_BATCH` above 1, a namespace's queued documents are learned several at a
+  time where its backend can (`ingest_together`), each micro-batch inside one snapshot.
 
 This module keeps the loop; it calls small parts for the rest: how a document is learned is a
 backend's business (service/backends), leases are service/leases.py, the startup check
@@ -382,12 +384,13 @@ class Worker:
     def _ingest(
         self, st: NamespaceState, items: Sequence[tuple[Document, float]]
     ) -> list[IngestResult]:
-        """A result per document: several are learned together by a backend that can (the
-        worker only groups for one), one alone by `ingest`. An error fails them all."""
+        """A result per document: several learned together by a backend that can
+        (`ingest_together`), else one by one. An error fails them all."""
+        together = getattr(st.backend, "ingest_together", None)
         try:
-            if len(items) > 1:
-                return st.backend.ingest_together(items)  # type: ignore[attr-defined]
-            return [st.backend.ingest(*items[0])]
+            if len(items) > 1 and together is not None:
+                return together(items)
+            return [st.backend.ingest(doc, trust) for doc, trust in items]
         except Exception as exc:  # a bad document must not take the worker down
             log.exception("worker: applying %s failed", ", ".join(doc.id for doc, _ in items))
             return [IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")] * len(items)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptation.data import Document
+from adaptation.data import QA, Document
 from adaptation.learner import IngestResult, Learner, LearnSettings, fresh_adapter
 from adaptation.modeling import LoraSettings, load_base, lora_parameters
 from adaptation.updater import UpdateConfig
@@ -137,6 +137,29 @@ def test_the_eval_learns_a_micro_batch_as_the_worker_does(
     assert_same(worker_end, dict(lora_parameters(method.model)))
     with pytest.raises(ValueError, match="stream protocol"):
         run_eval(tmp_path / "none.jsonl", tiny_model_dir, tmp_path, replace(cfg, protocol="single"))
+
+
+def test_the_eval_stream_learns_k_documents_at_a_time(tiny_model_dir: Path) -> None:
+    from adaptation.lab import evaluation
+
+    docs = [
+        Document(f"q{i}", t, questions=(QA(f"Where was Oda Lind{i} born?", (f"Hale {i}",)),))
+        for i, t in enumerate(TEXTS[:3])
+    ]
+    learning = LearnSettings(learn_batch=2)
+    cfg = evaluation.EvalConfig(lora=LoraSettings(rank=4, alpha=8), learning=learning, device="cpu")
+    method = evaluation.make_method("uniform", str(tiny_model_dir), cfg, 1e-2, LORA_SEED, [])
+    base = evaluation.Baseline.measure(
+        evaluation.BaseMethod(str(tiny_model_dir), cfg), docs, evaluation.Held()
+    )
+    run = evaluation.Run("uniform", 0, 1e-2, 1, checkpoints=3, progress=False)
+    result = evaluation.run_method(method, base, cfg, run)
+    assert isinstance(method, evaluation.LoraMethod)
+    assert method.learner.updater.steps_applied == 2  # a pair, then the last alone
+    assert [n for n, _ in result.curve] == [0, 2, 3]  # scored after each micro-batch
+    assert "learned 2 at a time" in evaluation._protocol_text(
+        {"protocol": "stream", "documents": 3, "config": {"learning": asdict(learning)}}
+    )
 
 
 @pytest.fixture(scope="module")

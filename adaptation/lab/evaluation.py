@@ -571,7 +571,11 @@ def _stream(
         group = docs[start : start + batch]
         n = start + len(group)
         t = time.perf_counter()
-        method.ingest_together([(doc, trust.update_scale(doc.source)) for doc in group])
+        items = [(doc, trust.update_scale(doc.source)) for doc in group]
+        if batch > 1:
+            method.ingest_together(items)
+        else:
+            method.ingest(*items[0])
         ingest_s += time.perf_counter() - t
         bar.update(len(group))
         if run.matrix:
