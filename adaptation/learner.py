@@ -3,9 +3,11 @@ strategies alike, so what the evaluation measures is what the service does.
 
 A document is learned as its text's chunks (each its own weighted update, scaled by the
 document's trust), then its self-edit sequences in padded micro-batches, and with rehearsal a few
-earlier documents again after it (`adaptation/rehearsal.py`). `Knowledge` is the interface every
-way of folding documents into a model answers to: the worker's modes and the evaluation's
-strategies.
+earlier documents again after it (`adaptation/rehearsal.py`). Several documents that queued up
+may be learned together (`Learner.learn_together`): those of one chunk, without self-edits and
+of one trust take one step on a padded micro-batch, which costs less per document than a step
+each. `Knowledge` is the interface every way of folding documents into a model answers to: the
+worker's modes and the evaluation's strategies.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class IngestResult:
     self_edit_sequences: int | None = None
     note: str | None = None
     rehearsed: int | None = None  # earlier documents learned again beside it
+    # The ids of the documents learned in one micro-batch with it, itself included (None: it
+    # was learned alone); a forget's replay learns them together again.
+    batch: tuple[str, ...] | None = None
 
 
 class Knowledge(Protocol):
@@ -104,6 +109,10 @@ class LearnSettings:
     # drawn from the most recent `rehearsal_window` learned.
     rehearse: int = 0
     rehearsal_window: int = 64
+    # At most this many queued documents handed to `Learner.learn_together` at once by the
+    # worker and the eval's stream (1: one by one). The learner learns together what it is
+    # given, so a replay learns a recorded micro-batch together whatever this is now.
+    learn_batch: int = 1
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -162,12 +171,37 @@ def fresh_adapter(
 
 @dataclass(frozen=True)
 class _Lesson:
-    """One document's training sequences ready for a pass, with the trust that scales them."""
+    """Training sequences ready for a pass, with the trust that scales them: one document's
+    chunks (a step each) and self-edits, or, `together`, one chunk from each of several
+    documents (one step on them all)."""
 
     chunks: list[WeightedText]
     edits: list[str]
     edit_tokens: int
     trust: float
+    together: bool = False
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A new document to learn: its self-edit sequences (kept for rehearsal) and its lesson."""
+
+    doc: Document
+    edits: list[str]
+    lesson: _Lesson
+
+    @property
+    def stackable(self) -> bool:
+        """One chunk and no self-edits: its update is one step on one sequence, which may share
+        a padded micro-batch with others of the same trust."""
+        return len(self.lesson.chunks) == 1 and not self.lesson.edits
+
+
+def _untrusted(doc: Document) -> IngestResult:
+    """Trust 0: recorded as applied, deliberately not learned."""
+    who = f"source {doc.source!r}" if doc.source else "a document without a source"
+    note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
+    return IngestResult(applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note)
 
 
 class Learner:
@@ -207,42 +241,82 @@ class Learner:
         a rehearsed document's update is then exactly the one it had when learned. Rehearsal
         steps stay out of the explosion check's record, and out of the result's tokens.
         """
+        return self._learn([self._item(doc, trust)])[0]
+
+    def learn_together(self, items: Sequence[tuple[Document, float]]) -> list[IngestResult]:
+        """Learn documents that queued up, in order, a result each. Consecutive ones of one
+        chunk, without self-edits and of the same trust share one padded micro-batch: one step
+        per pass (the updater's tokens-normalised loss over the batch), then rehearsal as after
+        one document. The rest are learned one by one, as `learn` does: a document of several
+        chunks or with self-edits takes several steps of its own, so stacking it would change
+        its update."""
+        runs: list[list[_Item]] = []
+        for doc, trust in items:
+            item = self._item(doc, trust)
+            last = runs[-1] if runs else None
+            if last and item.stackable and last[0].stackable and last[0].lesson.trust == trust:
+                last.append(item)
+            else:
+                runs.append([item])
+        return [result for run in runs for result in self._learn(run)]
+
+    def _item(self, doc: Document, trust: float) -> _Item:
+        """The document ready to learn; at trust 0 nothing is weighed or written for it."""
         if trust == 0.0:
-            who = f"source {doc.source!r}" if doc.source else "a document without a source"
-            note = f"trust 0 for {who}: recorded as applied but deliberately not learned"
-            return IngestResult(
-                applied=True, trust=0.0, sequences=0, self_edit_sequences=0, note=note
-            )
-        s = self.settings
+            return _Item(doc, [], _Lesson([], [], 0, trust))
         edits = self.self_edit_sequences(doc)
-        own = self._lesson(doc.text, doc.source, edits, trust)
+        return _Item(doc, edits, self._lesson(doc.text, doc.source, edits, trust))
+
+    def _learn(self, items: Sequence[_Item]) -> list[IngestResult]:
+        """One document as its own lesson, or several stackable ones of one trust as one
+        micro-batch; `epochs` passes, each followed by rehearsal of earlier documents chosen
+        with the first one's id; the applied are remembered, in order."""
+        s = self.settings
+        trust = items[0].lesson.trust
+        if trust == 0.0:
+            return [_untrusted(item.doc) for item in items]
+        together = len(items) > 1
+        lesson = (
+            _Lesson([i.lesson.chunks[0] for i in items], [], 0, trust, together=True)
+            if together
+            else items[0].lesson
+        )
         earlier = [
             self._lesson(e.text, e.source, e.edits, e.trust)
-            for e in self.memory.choose(doc.id, s.rehearse)
+            for e in self.memory.choose(items[0].doc.id, s.rehearse)
         ]
         reports: list[StepReport] = []
-        tokens = 0
+        tokens = passes = 0  # a micro-batch's passes that stepped: each counts its tokens
         for _ in range(s.epochs):
-            steps, trained = self._pass(own)
+            steps, trained = self._pass(lesson)
             reports += steps
             tokens += trained
+            passes += any(r.applied for r in steps)
             with self.updater.unrecorded():
-                for lesson in earlier:
-                    self._pass(lesson)
+                for rehearsed in earlier:
+                    self._pass(rehearsed)
         applied = any(r.applied for r in reports)
         reasons = [r.reason for r in reports if not r.applied and r.reason]
-        result = IngestResult(
-            applied or not reasons,  # nothing long enough to learn from is a no-op, not a failure
-            tokens,
-            "; ".join(reasons) or None,
-            trust=trust,
-            sequences=len(own.chunks) + len(own.edits),
-            self_edit_sequences=len(own.edits),
-            rehearsed=len(earlier) if s.rehearse else None,
-        )
-        if result.applied:
-            self.remember(doc, trust, edits)
-        return result
+        batch = tuple(i.doc.id for i in items) if together else None
+        results = [
+            IngestResult(
+                # Nothing long enough to learn from is a no-op, not a failure.
+                applied or not reasons,
+                i.lesson.chunks[0].num_tokens * passes if together else tokens,
+                "; ".join(reasons) or None,
+                trust=trust,
+                sequences=len(i.lesson.chunks) + len(i.lesson.edits),
+                self_edit_sequences=len(i.lesson.edits),
+                note=f"learned in a micro-batch of {len(items)}" if together else None,
+                rehearsed=len(earlier) if s.rehearse else None,
+                batch=batch,
+            )
+            for i in items
+        ]
+        if results[0].applied:
+            for item in items:
+                self.remember(item.doc, trust, item.edits)
+        return results
 
     def remember(self, doc: Document, trust: float, edits: Sequence[str] | None = None) -> None:
         """Keep the document for rehearsal (a no-op without it), with its self-edit sequences
@@ -270,13 +344,13 @@ class Learner:
         )
 
     def _pass(self, lesson: _Lesson) -> tuple[list[StepReport], int]:
-        """One pass over a document: a step per chunk, then its self-edits in micro-batches;
-        the reports, and the tokens of what was learned."""
+        """One pass over a lesson: a step per chunk (one step on them all when `together`),
+        then its self-edits in micro-batches; the reports, and the tokens of what was learned."""
         reports: list[StepReport] = []
         tokens = 0
-        for weighted in lesson.chunks:
-            steps = apply_trusted(self.updater, [weighted], lesson.trust)
-            tokens += weighted.num_tokens if any(r.applied for r in steps) else 0
+        for batch in [lesson.chunks] if lesson.together else [[c] for c in lesson.chunks]:
+            steps = apply_trusted(self.updater, batch, lesson.trust)
+            tokens += sum(c.num_tokens for c in batch) if any(r.applied for r in steps) else 0
             reports += steps
         if lesson.edits:
             steps = apply_with_self_edits(

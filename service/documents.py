@@ -88,6 +88,9 @@ class DocumentRecord:
     sequences: int | None = None
     self_edit_sequences: int | None = None
     note: str | None = None
+    # The ids learned in one micro-batch with it, itself included (None: learned alone); a
+    # replay learns them together again.
+    batch: tuple[str, ...] | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> DocumentRecord:
@@ -110,6 +113,7 @@ class DocumentRecord:
                 int(h["self_edit_sequences"]) if h.get("self_edit_sequences") else None
             ),
             note=h.get("note") or None,
+            batch=tuple(json.loads(h["batch"])) if h.get("batch") else None,
         )
 
 
@@ -246,15 +250,19 @@ class DocumentStore:
         sequences: int | None,
         self_edit_sequences: int | None,
         note: str | None,
+        batch: Sequence[str] | None = None,
     ) -> None:
         """Uncount an attempt that learned the document, and record how it was learned (None:
-        not a notion of its mode). Only failed or cut-off attempts count toward dead-lettering:
-        a worker killed after learning a document, before its snapshot, says nothing about it."""
+        not a notion of its mode), with the micro-batch it was learned in (None: alone, which
+        clears one recorded by an earlier attempt). Only failed or cut-off attempts count
+        toward dead-lettering: a worker killed after learning a document, before its snapshot,
+        says nothing about it."""
         values = {
             "trust": trust,
             "sequences": sequences,
             "self_edit_sequences": self_edit_sequences,
             "note": note,
+            "batch": json.dumps(list(batch)) if batch else None,
         }
         present = {name: value for name, value in values.items() if value is not None}
         key = self.keys.doc(doc_id)
@@ -262,6 +270,8 @@ class DocumentStore:
         pipe.hincrby(key, "attempts", -1)
         if present:
             pipe.hset(key, mapping=present)
+        if not batch:
+            pipe.hdel(key, "batch")
         pipe.execute()
 
     def mark_failed(self, doc_id: str, error: str, dead: bool = False) -> None:

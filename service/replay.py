@@ -1,13 +1,14 @@
 """Admin operations queued by the API (configure, rollback, forget), run by the worker between
 documents. Rollback and forget rewrite the lineage: each writes a new version (versions only
-grow), and forget replays the lineage's later documents without the forgotten one. A crash
-between writing that version and settling it is met by settling it again."""
+grow), and forget replays the lineage's later documents without the forgotten one, each
+micro-batch the lineage learned together learned together again. A crash between writing that
+version and settling it is met by settling it again."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import redis
@@ -38,7 +39,10 @@ class Owner(Protocol):
 
     def restore(self, st: NamespaceState, version: int) -> None: ...
 
-    def relearn(self, st: NamespaceState, record: DocumentRecord) -> IngestResult: ...
+    def relearn(self, st: NamespaceState, records: Sequence[DocumentRecord]) -> list[IngestResult]:
+        """Learn the documents again as the lineage did: one alone, or several together (a
+        recorded micro-batch); a result each."""
+        ...
 
     def write(
         self,
@@ -126,16 +130,14 @@ class Replay:
         self.owner.restore(st, parent)
         applied: list[str] = []
         retry: list[str] = []
-        for other in replay:
+        for group in self._batches(replay):
             if not self.owner.keep(st):
                 return False  # the lease lapsed mid-replay: the next owner starts over
-            record = self.docs.get(other)
-            result = (
-                self.owner.relearn(st, record)
-                if record is not None
-                else IngestResult(applied=False, reason="record missing")
-            )
-            (applied if result.applied else retry).append(other)
+            records = [r for _, r in group if r is not None]  # a missing one is retried
+            results = self.owner.relearn(st, records) if records else []
+            done = {r.id for r, result in zip(records, results, strict=True) if result.applied}
+            for other, _ in group:
+                (applied if other in done else retry).append(other)
         manifest = self.owner.write(
             st,
             parent,
@@ -150,6 +152,21 @@ class Replay:
         st.probe_f1 = self.guard.probe_f1(st)
         self._settle(st, manifest, before)
         return True
+
+    def _batches(self, doc_ids: Sequence[str]) -> Iterator[list[tuple[str, DocumentRecord | None]]]:
+        """The documents to replay with their records, in order, consecutive ones recorded in
+        the same micro-batch grouped (its forgotten members are not among them), the rest
+        alone; read as the replay goes, so a long lineage is never held in memory at once."""
+        group: list[tuple[str, DocumentRecord | None]] = []
+        for doc_id in doc_ids:
+            record = self.docs.get(doc_id)
+            last = group[-1][1] if group else None
+            if group and not (record and record.batch and last and last.batch == record.batch):
+                yield group
+                group = []
+            group.append((doc_id, record))
+        if group:
+            yield group
 
     def _ancestry(self, st: NamespaceState, oldest: int) -> list[Manifest]:
         """Manifests from `oldest` (an ancestor of the current version) to the current one."""

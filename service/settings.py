@@ -169,6 +169,16 @@ class Settings(BaseSettings):
         le=MAX_REHEARSAL_WINDOW,
         description="the most recent learned documents rehearsal draws from",
     )
+    # Micro-batching (mode lora): when documents queue up, a step on a padded micro-batch of
+    # several costs less per document than a step each, so the worker keeps up with a faster
+    # ingest. Each document then shares its steps, so it gets fewer of its own.
+    learn_batch: int = Field(
+        default=1,
+        ge=1,
+        description="queued documents of one namespace learned together in one step, for "
+        "throughput when documents queue up, at the cost of fewer steps per document (1: one "
+        "by one); only documents of one chunk, without self-edits and of one trust are stacked",
+    )
 
     # Update guard: a version whose probe F1 falls by more than this is held back.
     guard_epsilon: float = Field(default=0.1, ge=0, le=1, description="largest F1 drop allowed")

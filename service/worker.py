@@ -10,7 +10,9 @@ What it guarantees (docs/architecture.md, "Service"):
 - a document that keeps failing is retried, then dead-lettered with its reason;
 - before a version is published, the update guard asks the namespace's probe questions, and a
   version whose F1 falls by more than epsilon is held back with its documents flagged;
-- admin operations queued by the API (configure, rollback, forget) run between documents.
+- admin operations queued by the API (configure, rollback, forget) run between documents;
+- with `UPTAKE_LEARN_BATCH` above 1, a namespace's queued documents are learned several at a
+  time where its backend can (`ingest_together`), each micro-batch inside one snapshot.
 
 This module keeps the loop; it calls small parts for the rest: how a document is learned is a
 backend's business (service/backends), leases are service/leases.py, the startup check
@@ -131,22 +133,13 @@ class Worker:
             self._stop.wait(0.5)
             return 0
         self.replay.run(self.namespaces)
-        done = 0
-        for entry in self._due():
-            if self._stop.is_set():
-                return done
-            self._renew_leases()
-            self._process(entry)
-            done += 1
+        done = self._process(self._due())
+        if self._stop.is_set():
+            return done
         entries = self.queue.read(
             list(self.namespaces), self.consumer, self.settings.max_batch, self._block_ms()
         )
-        for entry in entries:
-            if self._stop.is_set():
-                break  # left pending; the next start takes them over
-            self._renew_leases()
-            self._process(entry)
-            done += 1
+        done += self._process(entries)
         for st in list(self.namespaces.values()):
             if st.unsaved_since is not None and (
                 time.monotonic() - st.unsaved_since >= self.settings.snapshot_seconds
@@ -272,44 +265,97 @@ class Worker:
             wait = min([wait] + [t - now for t, _ in st.retries])
         return None if wait <= 0.001 else int(wait * 1000)
 
-    def _process(self, entry: Entry) -> None:
+    def _process(self, entries: Sequence[Entry]) -> int:
+        """Learn the entries in order; how many were taken up before a stop (the rest stay
+        pending, for the next start). Consecutive learnable entries of one namespace are
+        learned in groups of up to its `learn_batch`, when its backend learns several together
+        (`ingest_together`); otherwise one by one."""
+        group: list[tuple[Entry, DocumentRecord]] = []
+        done = 0
+        for entry in entries:
+            if self._stop.is_set():
+                return done  # the rest, a group in hand included, stay pending
+            if group and (
+                entry.namespace != group[0][0].namespace
+                or entry.doc_id in {e.doc_id for e, _ in group}  # its check needs them learned
+            ):
+                self._learn(group)
+                done, group = done + len(group), []
+            self._renew_leases()
+            record = self._learnable(entry)
+            if record is None:
+                done += 1
+                continue
+            group.append((entry, record))
+            if len(group) >= self._group_size(self.namespaces[entry.namespace]):
+                self._learn(group)
+                done, group = done + len(group), []
+        if group:
+            self._learn(group)
+        return done + len(group)
+
+    def _group_size(self, st: NamespaceState) -> int:
+        return st.settings.learn_batch if hasattr(st.backend, "ingest_together") else 1
+
+    def _learnable(self, entry: Entry) -> DocumentRecord | None:
+        """The entry's document record if it is to be learned now; otherwise None, with the
+        entry settled: acknowledged (already in the lineage, a duplicate, or settled), left to
+        the retries (record missing, attempts exhausted), or left pending (lease lost)."""
         st = self.namespaces.get(entry.namespace)
         if st is None:  # lease lost meanwhile: the entry stays pending for the new owner
-            return
+            return None
         doc_id = entry.doc_id
         if doc_id in st.lineage:  # applied before a crash, not yet acknowledged
             self.docs.mark_applied([doc_id], st.lineage[doc_id])
             self.queue.ack(st.name, [entry.entry_id])
-            return
+            return None
         if doc_id in st.unsaved:
             if st.unsaved[doc_id] != entry.entry_id:
                 self.queue.ack(st.name, [entry.entry_id])
-            return
+            return None
         record = self.docs.get(doc_id)
         if record is None:
             self.retries.missing(entry)
-            return
+            return None
         if record.status in SETTLED:  # dead, held back or forgotten: never applied
             self.queue.ack(st.name, [entry.entry_id])
-            return
+            return None
         if self.retries.exhausted(entry, record):
+            return None
+        return record
+
+    def _learn(self, group: Sequence[tuple[Entry, DocumentRecord]]) -> None:
+        """Learn one namespace's documents (one, or several together) and record each: applied
+        ones join the unsaved, failed ones are retried one by one. A snapshot waits for the
+        whole group, so a micro-batch never straddles two versions."""
+        st = self.namespaces.get(group[0][0].namespace)
+        if st is None:  # lease lost since the checks: the entries stay pending
             return
-        doc, trust = self._document(st, record)
-        attempt = self.docs.begin_attempt(doc_id)
+        items = [self._document(st, record) for _, record in group]
+        attempts = [self.docs.begin_attempt(entry.doc_id) for entry, _ in group]
         started = time.perf_counter()
-        result = self._ingest(st, doc, trust)
-        if result.applied:
-            self.stats.step(st.name, time.perf_counter() - started, result.tokens)
-            st.unsaved[doc_id] = entry.entry_id  # first, so a Redis error now cannot repeat it
-            self.docs.end_attempt(
-                doc_id, result.trust, result.sequences, result.self_edit_sequences, result.note
-            )
-            if st.unsaved_since is None:
-                st.unsaved_since = time.monotonic()
-            if len(st.unsaved) >= self.settings.snapshot_every:
-                self._snapshot(st)
-            return
-        self.retries.failed(st, entry, attempt, result.reason or "update rejected")
+        results = self._ingest(st, items)
+        seconds = (time.perf_counter() - started) / len(group)
+        for (entry, _), result in zip(group, results, strict=True):
+            if result.applied:  # first, so a Redis error below cannot repeat it
+                st.unsaved[entry.doc_id] = entry.entry_id
+                if st.unsaved_since is None:
+                    st.unsaved_since = time.monotonic()
+        for (entry, _), attempt, result in zip(group, attempts, results, strict=True):
+            if result.applied:
+                self.stats.step(st.name, seconds, result.tokens)
+                self.docs.end_attempt(
+                    entry.doc_id,
+                    result.trust,
+                    result.sequences,
+                    result.self_edit_sequences,
+                    result.note,
+                    result.batch,
+                )
+            else:
+                self.retries.failed(st, entry, attempt, result.reason or "update rejected")
+        if len(st.unsaved) >= self.settings.snapshot_every:
+            self._snapshot(st)
 
     def _document(
         self, st: NamespaceState, record: DocumentRecord, replay: bool = False
@@ -335,12 +381,19 @@ class Worker:
         )
         return doc, trust
 
-    def _ingest(self, st: NamespaceState, doc: Document, trust: float) -> IngestResult:
+    def _ingest(
+        self, st: NamespaceState, items: Sequence[tuple[Document, float]]
+    ) -> list[IngestResult]:
+        """A result per document: several learned together by a backend that can
+        (`ingest_together`), else one by one. An error fails them all."""
+        together = getattr(st.backend, "ingest_together", None)
         try:
-            return st.backend.ingest(doc, trust)
+            if len(items) > 1 and together is not None:
+                return together(items)
+            return [st.backend.ingest(doc, trust) for doc, trust in items]
         except Exception as exc:  # a bad document must not take the worker down
-            log.exception("worker: applying %s failed", doc.id)
-            return IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")
+            log.exception("worker: applying %s failed", ", ".join(doc.id for doc, _ in items))
+            return [IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")] * len(items)
 
     # Snapshots.
 
@@ -407,6 +460,8 @@ class Worker:
                 info["self_edit_best_of"] = st.settings.self_edit_best_of
         if st.settings.source_tags:
             info["source_tags"] = True
+        if st.settings.learn_batch > 1:
+            info["learn_batch"] = st.settings.learn_batch
         if st.settings.rehearse:
             info["rehearse"] = st.settings.rehearse
             info["rehearsal_window"] = st.settings.rehearsal_window
@@ -438,5 +493,5 @@ class Worker:
         self._renew_leases()
         return self.namespaces.get(st.name) is st
 
-    def relearn(self, st: NamespaceState, record: DocumentRecord) -> IngestResult:
-        return self._ingest(st, *self._document(st, record, replay=True))
+    def relearn(self, st: NamespaceState, records: Sequence[DocumentRecord]) -> list[IngestResult]:
+        return self._ingest(st, [self._document(st, r, replay=True) for r in records])

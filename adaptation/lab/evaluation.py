@@ -107,6 +107,11 @@ class BaseMethod:
         """The base learns nothing."""
         return IngestResult(applied=True)
 
+    def ingest_together(self, items: Sequence[tuple[Document, float]]) -> list[IngestResult]:
+        """Several documents at once (`--learn-batch`): one by one, unless the method learns
+        them together as the worker does."""
+        return [self.ingest(doc, trust) for doc, trust in items]
+
     def answer(
         self, questions: Sequence[str], contexts: Sequence[str | None] | None = None
     ) -> list[str]:
@@ -161,6 +166,10 @@ class LoraMethod(BaseMethod):
         """The document's text alone: learning its self-edits is seal's."""
         return self.learner.learn(replace(doc, self_edits=()), trust)
 
+    def ingest_together(self, items: Sequence[tuple[Document, float]]) -> list[IngestResult]:
+        """Through the worker's own `Learner.learn_together`, texts alone."""
+        return self.learner.learn_together([(replace(d, self_edits=()), t) for d, t in items])
+
     def memory_bytes(self) -> int:
         return self.learner.memory_bytes()
 
@@ -204,6 +213,9 @@ class SealMethod(LoraMethod):
             self.cache.directory if self.cache else None,
         )
         self.choices: list[BestOfK[IngestResult]] = []
+
+    # One by one, as the worker's mode seal: self-edits make each document its own lesson.
+    ingest_together = BaseMethod.ingest_together
 
     def generations(self, doc: Document, k: int) -> tuple[str, ...]:
         """The document's self-edits: supplied ones, k from the paraphraser for a world
@@ -537,13 +549,17 @@ def run_method(method: BaseMethod, base: Baseline, cfg: EvalConfig, run: Run) ->
     trust = SourceTrust(cfg.trust)
     if cfg.protocol == "single":
         return _single(method, base, trust, run)
-    return _stream(method, base, trust, run)
+    return _stream(method, base, trust, run, cfg.learning.learn_batch)
 
 
-def _stream(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) -> RunResult:
-    """Feed the documents once, in order, scoring all their questions at a few points along the
-    way. With `run.matrix`, after every document j it also scores each earlier document i's
-    questions: the lower-triangular stream-retention matrix R[i][j]."""
+def _stream(
+    method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run, batch: int = 1
+) -> RunResult:
+    """Feed the documents once, in order, `batch` at a time (learned together as the worker
+    learns queued documents), scoring all their questions at a few points along the way. With
+    `run.matrix`, after every document j it also scores each earlier document i's questions:
+    the lower-triangular stream-retention matrix R[i][j] (a micro-batch's documents share the
+    scores taken after it)."""
     docs = base.docs
     qas = all_questions(docs)
     grid: list[list[float | None]] = [[None] * len(docs) for _ in docs] if run.matrix else []
@@ -551,19 +567,30 @@ def _stream(method: BaseMethod, base: Baseline, trust: SourceTrust, run: Run) ->
     curve = [(0, base.stream["f1"])]
     ingest_s = answer_s = 0.0
     after = base.stream
-    desc = f"{run.name} lr={run.lr}"
-    for n, doc in enumerate(tqdm(docs, desc=desc, unit="doc", disable=not run.progress), 1):
+    bar = tqdm(
+        total=len(docs), desc=f"{run.name} lr={run.lr}", unit="doc", disable=not run.progress
+    )
+    for start in range(0, len(docs), batch):
+        group = docs[start : start + batch]
+        n = start + len(group)
         t = time.perf_counter()
-        method.ingest(doc, trust.update_scale(doc.source))
+        items = [(doc, trust.update_scale(doc.source)) for doc in group]
+        if batch > 1:
+            method.ingest_together(items)
+        else:
+            method.ingest(*items[0])
         ingest_s += time.perf_counter() - t
+        bar.update(len(group))
         if run.matrix:
             for i, scored in enumerate(_by_document(method, docs[:n])[1]):
-                grid[i][n - 1] = None if scored is None else scored["f1"]
-        if n in marks:
+                for j in range(max(i, start), n):
+                    grid[i][j] = None if scored is None else scored["f1"]
+        if marks & set(range(start + 1, n + 1)):
             t = time.perf_counter()
             after = _score(method, qas)
             answer_s = (time.perf_counter() - t) / max(1, len(qas))
             curve.append((n, after["f1"]))
+    bar.close()
     return _result(method, base, run, base.stream, after, curve, (ingest_s, answer_s), grid)
 
 
@@ -702,6 +729,11 @@ def run_eval(
         raise ValueError(
             "the retention matrix scores earlier documents under one adapter: it needs the "
             "stream protocol"
+        )
+    if cfg.protocol == "single" and cfg.learning.learn_batch > 1:
+        raise ValueError(
+            "learning documents several at a time needs the stream protocol: the single one "
+            "learns each alone from a fresh adapter"
         )
     data_p = Path(data)
     docs = read_documents(data_p, cfg.limit)
@@ -893,10 +925,17 @@ def _protocol_text(report: dict) -> str:
             "Retention and reading are measured after the last document's adapter, before its "
             "reset."
         )
+    batch = learning.get("learn_batch", 1)
+    together = (
+        f" Documents are learned {batch} at a time, as the worker's UPTAKE_LEARN_BATCH: those of "
+        "one chunk and one trust share one step on a padded micro-batch."
+        if batch > 1
+        else ""
+    )
     return (
         f"Protocol stream: one adapter (or store) reads the {report['documents']} documents "
         f"once, in order ({passes} each), and is asked all their questions closed-book at the "
-        "end." + _rehearsal_text(learning)
+        "end." + together + _rehearsal_text(learning)
     )
 
 

@@ -56,6 +56,7 @@ def learn_settings(settings: Settings) -> LearnSettings:
         write=write,
         rehearse=settings.rehearse,
         rehearsal_window=settings.rehearsal_window,
+        learn_batch=settings.learn_batch,
     )
 
 
@@ -129,6 +130,14 @@ class LoraBackend:
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.model.set_adapter(self.name)
         return learn_written_best_of(self.learner, doc, self.best_of, trust)
+
+    def ingest_together(self, items: Sequence[tuple[Document, float]]) -> list[IngestResult]:
+        """Documents that queued up, stacked where `Learner.learn_together` finds it exact. Mode
+        seal learns one by one: its written self-edits make each document its own lesson."""
+        if self.learner.settings.write is not None:
+            return [self.ingest(doc, trust) for doc, trust in items]
+        self.model.set_adapter(self.name)
+        return self.learner.learn_together(items)
 
     def answer(
         self, questions: Sequence[str], contexts: Sequence[str | None] | None = None

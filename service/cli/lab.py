@@ -54,6 +54,14 @@ LEARN_OPTIONS = (
         "UPTAKE_REHEARSAL_WINDOW (default: the same)",
         type=at_least_one,
     ),
+    opt(
+        "--learn-batch",
+        "under --protocol stream, consecutive documents learned K at a time, as the worker's "
+        "UPTAKE_LEARN_BATCH: those of one chunk, without self-edits and of one trust share one "
+        "step on a padded micro-batch (default: 1, one by one)",
+        type=at_least_one,
+        metavar="K",
+    ),
 )
 EVAL_OPTIONS = (
     opt("--data", "JSONL stream or SQuAD-style JSON", to=None, required=True),
