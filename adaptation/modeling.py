@@ -65,9 +65,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware is built for it; fp32 on CPU, where bf16 matmuls are slow on most
-    chips (`UPTAKE_DTYPE=bfloat16` opts in on one with AVX-512 BF16 or AMX)."""
+    """bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are slow on most chips (the service's
+    `UPTAKE_DTYPE=auto` picks bf16 on a CPU that has it in hardware: `cpu_has_native_bf16`)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), where bf16 weights
+    make steps and answers faster; elsewhere it is emulated and slower. False where unknown."""
+    try:
+        flags = cpuinfo.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def dtype_named(name: str | None) -> torch.dtype | None:

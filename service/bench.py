@@ -28,7 +28,7 @@ from adaptation.data import Document
 from adaptation.lab.live import live_service
 from adaptation.lab.world import World, WorldConfig
 from adaptation.learner import Learner, fresh_adapter
-from adaptation.modeling import load_base
+from adaptation.modeling import default_device, default_dtype, load_base
 from service.backends.lora import LORA_SEED, build_weighter, learn_settings
 from service.documents import DocumentStore
 from service.redis_conn import redis_url
@@ -81,10 +81,18 @@ class BareLoop:
         self.learner = Learner(
             model, tokenizer, build_weighter(settings), settings.update(), learn_settings(settings)
         )
+        self.batch = settings.learn_batch
 
     def run(self, texts: list[str]) -> None:
-        for i, text in enumerate(texts):
-            self.learner.learn(Document(f"bare-{i}", text, source="bench"))
+        """The documents in order, `UPTAKE_LEARN_BATCH` at a time as the worker takes them when
+        they are all queued."""
+        docs = [Document(f"bare-{i}", text, source="bench") for i, text in enumerate(texts)]
+        for start in range(0, len(docs), self.batch):
+            group = docs[start : start + self.batch]
+            if len(group) == 1:
+                self.learner.learn(group[0])
+            else:
+                self.learner.learn_together([(doc, 1.0) for doc in group])
 
 
 def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float = 3600) -> None:
@@ -386,10 +394,25 @@ def run_bench(
             "model": model,
             "device": str(settings.device or ("cuda" if torch.cuda.is_available() else "cpu")),
             "torch_threads": torch.get_num_threads(),
+            "dtype": str(
+                settings.torch_dtype()
+                or default_dtype(
+                    torch.device(settings.device) if settings.device else default_device()
+                )
+            ).removeprefix("torch."),
             "config": asdict(cfg),
             "settings": {
                 k: getattr(settings, k)
-                for k in ("strategy", "lr", "steps_per_doc", "snapshot_every", "answer_batch")
+                for k in (
+                    "strategy",
+                    "lr",
+                    "steps_per_doc",
+                    "snapshot_every",
+                    "answer_batch",
+                    "learn_batch",
+                    "async_snapshots",
+                    "dtype",
+                )
             },
             "worker_docs_per_second": worker_dps,
             "bare_docs_per_second": bare,
@@ -420,6 +443,17 @@ def run_bench(
     return report
 
 
+def _worker_settings(settings: dict) -> str:
+    batch = settings.get("learn_batch", 1)
+    learns = (
+        f"the worker learns up to {batch} queued documents per step"
+        if batch > 1
+        else ("the worker learns one document per step")
+    )
+    where = "in the background" if settings.get("async_snapshots") else "in its loop"
+    return f"{learns} and writes snapshots {where}"
+
+
 def _clients(row: dict) -> str:
     n = row.get("namespaces", 1)
     return f"{row['clients']} clients" + (f" over {n} namespaces" if n > 1 else "")
@@ -432,7 +466,8 @@ def bench_markdown(report: dict) -> str:
         f"Reproduce: `{report['command']}`",
         "",
         f"Model `{report['model']}` on {report['device']} with {report['torch_threads']} torch "
-        "threads.",
+        f"threads, its weights in {report.get('dtype', 'float32')}; "
+        f"{_worker_settings(report.get('settings', {}))}.",
         "",
         "| pair | service | baseline | ratio |",
         "| --- | --- | --- | --- |",

@@ -13,7 +13,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adaptation.bases import DEFAULT_BASE, PACKAGED, BaseMissing, packaged_base, require_package
 from adaptation.mac.system import CONFIG as MAC_CONFIG
-from adaptation.modeling import DEFAULT_TARGET_MODULES, LoraSettings, dtype_named
+from adaptation.modeling import (
+    DEFAULT_TARGET_MODULES,
+    LoraSettings,
+    cpu_has_native_bf16,
+    default_device,
+    dtype_named,
+)
 from adaptation.paths import (
     base_weighter_dir,
     demo_mac_dir,
@@ -111,9 +117,8 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
-        description="the base's weights: auto is bfloat16 on a GPU and float32 on a CPU; "
-        "bfloat16 on a CPU with AVX-512 BF16 or AMX steps and answers faster "
-        "(docs/results/bench-real-base.md)",
+        description="the base's weights; auto: bfloat16 on a GPU, and on a CPU with AVX-512 "
+        "BF16 or AMX (faster, same uptake: docs/results/cpu-options.md), else float32",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
@@ -191,6 +196,11 @@ class Settings(BaseSettings):
     # Snapshot cadence: whichever comes first.
     snapshot_every: int = Field(default=8, ge=1, description="documents per snapshot")
     snapshot_seconds: float = Field(default=5.0, gt=0)
+    async_snapshots: bool = Field(
+        default=True,
+        description="write snapshots in a background thread from a copy of the state, so "
+        "learning goes on meanwhile (a snapshot of the real base takes about 0.5 s)",
+    )
 
     # Where state lives.
     redis_url: str | None = None
@@ -260,8 +270,13 @@ class Settings(BaseSettings):
         return env
 
     def torch_dtype(self) -> torch.dtype | None:
-        """The base's dtype (None: the device's default)."""
-        return dtype_named(self.dtype)
+        """The base's dtype. auto: bfloat16 on a CPU that multiplies it in hardware, where it
+        steps 1.5x and answers 1.2x faster with the same uptake (docs/results/cpu-options.md),
+        else the device's default (None)."""
+        if self.dtype != "auto":
+            return dtype_named(self.dtype)
+        on_cpu = (self.device or default_device().type) == "cpu"
+        return torch.bfloat16 if on_cpu and cpu_has_native_bf16() else None
 
     def lora(self) -> LoraSettings:
         return LoraSettings(

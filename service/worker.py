@@ -12,7 +12,10 @@ What it guarantees (docs/architecture.md, "Service"):
   version whose F1 falls by more than epsilon is held back with its documents flagged;
 - admin operations queued by the API (configure, rollback, forget) run between documents;
 - with `UPTAKE_LEARN_BATCH` above 1, a namespace's queued documents are learned several at a
-  time where its backend can (`ingest_together`), each micro-batch inside one snapshot.
+  time where its backend can (`ingest_together`), each micro-batch inside one snapshot;
+- a snapshot is written in a background thread from an in-memory copy of the state
+  (`UPTAKE_ASYNC_SNAPSHOTS`, one in flight per namespace), so learning goes on meanwhile; its
+  documents are published and acknowledged once it is on disk.
 
 This module keeps the loop; it calls small parts for the rest: how a document is learned is a
 backend's business (service/backends), leases are service/leases.py, the startup check
@@ -26,7 +29,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -42,7 +47,7 @@ from service.guard import UpdateGuard
 from service.keys import Keys
 from service.leases import Leases
 from service.metrics import WorkerStats
-from service.namespace_state import NamespaceState
+from service.namespace_state import NamespaceState, Writing
 from service.namespaces import NamespaceStore
 from service.quarantine import Quarantine
 from service.queue import Entry, Queue
@@ -53,6 +58,8 @@ from service.schemas import NamespaceConfig
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+WRITING_POLL_SECONDS = 0.05
 
 
 class Worker:
@@ -78,6 +85,11 @@ class Worker:
         self._backends: BackendFactory | None = None
         self._stop = threading.Event()
         self._discovered = 0.0
+        self._writes = (
+            ThreadPoolExecutor(1, thread_name_prefix="uptake-snapshot")
+            if settings.async_snapshots
+            else None
+        )
         self.leases = Leases(self.redis, self.keys, self.consumer, settings.lease_seconds)
         self.quarantine = Quarantine(self.store, self.docs, self.ns_store, self.stats)
         self.retries = Retries(settings, self.docs, self.queue, self.stats)
@@ -151,10 +163,13 @@ class Worker:
         for st in list(self.namespaces.values()):
             try:
                 self._snapshot(st)
+                self._settle(st)
                 self._publish(st)
                 self.leases.release(st.name)
             except (redis.RedisError, OSError) as exc:
                 log.warning("worker: could not finish %s cleanly (%s)", st.name, exc)
+        if self._writes is not None:
+            self._writes.shutdown(wait=True)
         log.info("worker %s stopped", self.consumer)
 
     # Namespaces and leases.
@@ -192,7 +207,7 @@ class Worker:
 
     def _reclaim(self, st: NamespaceState) -> None:
         """Take back pending entries this worker no longer tracks (after a lapse or an error)."""
-        known = set(st.unsaved.values()) | {e.entry_id for _, e in st.retries}
+        known = st.entries_held() | {e.entry_id for _, e in st.retries}
         known |= {e.entry_id for e in st.backlog}
         claimed = self.queue.claim_pending(st.name, self.consumer)
         st.backlog.extend(e for e in claimed if e.entry_id not in known)
@@ -262,6 +277,8 @@ class Worker:
             wait = min(wait, st.renewed + self.settings.lease_seconds / 3 - now)
             if st.unsaved_since is not None:
                 wait = min(wait, st.unsaved_since + self.settings.snapshot_seconds - now)
+            if st.writing is not None:  # published as soon as it is written
+                wait = min(wait, WRITING_POLL_SECONDS)
             wait = min([wait] + [t - now for t, _ in st.retries])
         return None if wait <= 0.001 else int(wait * 1000)
 
@@ -309,8 +326,9 @@ class Worker:
             self.docs.mark_applied([doc_id], st.lineage[doc_id])
             self.queue.ack(st.name, [entry.entry_id])
             return None
-        if doc_id in st.unsaved:
-            if st.unsaved[doc_id] != entry.entry_id:
+        held = st.entry_of(doc_id)
+        if held is not None:
+            if held != entry.entry_id:
                 self.queue.ack(st.name, [entry.entry_id])
             return None
         record = self.docs.get(doc_id)
@@ -402,24 +420,54 @@ class Worker:
         back, and publish it."""
         if not st.unsaved or not self._hold(st):
             return
+        self._settle(st)  # the write in flight, if any, is this one's parent
         f1 = self.guard.probe_f1(st)
         regression = self.guard.regression(st, f1)
         if regression:  # keep serving the current version
             self.guard.hold_back(st, regression)
             self.restore(st, st.version)
             return
-        ids = list(st.unsaved)
-        manifest = self.write(st, st.version, ids, len(st.lineage) + len(ids), probe_f1=f1)
-        st.version = manifest.version
-        st.lineage.update(dict.fromkeys(ids, manifest.version))
-        st.probe_f1 = f1
-        st.unpublished.append((manifest, list(st.unsaved.values())))
+        unsaved = dict(st.unsaved)
+        size = len(st.lineage) + len(unsaved)
+        if self._writes is None:
+            write = self._writer(st, st.version, list(unsaved), size, st.backend.write_state)
+            self._written(st, write(), unsaved, f1)
+        else:
+            write = self._writer(
+                st, st.version, list(unsaved), size, st.backend.capture_state(), probe_f1=f1
+            )
+            st.writing = Writing(self._writes.submit(write), unsaved, f1)
         st.unsaved = {}
         st.unsaved_since = None
         self._publish(st)
 
+    def _settle(self, st: NamespaceState, wait: bool = True) -> None:
+        """Take in the snapshot written in the background, once done (`wait`: wait for it). If
+        it failed, its documents are unsaved again and the error is raised, as a snapshot
+        written in the loop raises it."""
+        writing = st.writing
+        if writing is None or not (wait or writing.manifest.done()):
+            return
+        st.writing = None
+        try:
+            manifest = writing.manifest.result()
+        except BaseException:
+            st.unsaved = {**writing.unsaved, **st.unsaved}
+            st.unsaved_since = st.unsaved_since or time.monotonic()
+            raise
+        self._written(st, manifest, writing.unsaved, writing.probe_f1)
+
+    def _written(
+        self, st: NamespaceState, manifest: Manifest, unsaved: dict[str, str], f1: float | None
+    ) -> None:
+        st.version = manifest.version
+        st.lineage.update(dict.fromkeys(unsaved, manifest.version))
+        st.probe_f1 = f1
+        st.unpublished.append((manifest, list(unsaved.values())))
+
     def _publish(self, st: NamespaceState) -> None:
         """Announce durable snapshots, mark their documents applied, and only then acknowledge."""
+        self._settle(st, wait=False)
         while st.unpublished:
             manifest, entry_ids = st.unpublished[0]
             publish_version(self.redis, self.keys, st.name, manifest.version)
@@ -444,6 +492,18 @@ class Worker:
     ) -> Manifest:
         """Snapshot the backend as the namespace's next version. `marks` (the guard's probe F1,
         an operation's request and what it did) are recorded in the manifest's info."""
+        return self._writer(st, parent, doc_ids, lineage_size, st.backend.write_state, **marks)()
+
+    def _writer(
+        self,
+        st: NamespaceState,
+        parent: int,
+        doc_ids: Sequence[str],
+        lineage_size: int,
+        write_state: Callable[[Path], None],
+        **marks: Any,
+    ) -> Callable[[], Manifest]:
+        """`write`, ready to run here or in the background: its record is taken now."""
         info = {
             "mode": st.settings.mode,
             "strategy": st.settings.strategy,
@@ -466,27 +526,34 @@ class Worker:
             info["rehearse"] = st.settings.rehearse
             info["rehearsal_window"] = st.settings.rehearsal_window
         info.update((key, value) for key, value in marks.items() if value is not None)
-        try:
-            manifest = self.store.write(
-                st.name,
-                parent=parent,
-                doc_ids=doc_ids,
-                lineage_size=lineage_size,
-                write_state=st.backend.write_state,
-                info=info,
-            )
-        except OSError as exc:
-            # Retried every second (run_forever) with the documents left queued; the report lets
-            # /v1/status and /metrics say why nothing is being applied.
-            self.stats.problem(st.name, exc, seconds_valid=self.settings.lease_seconds)
-            raise
-        self.stats.solved(st.name)
-        return manifest
+        ids = list(doc_ids)
+
+        def write() -> Manifest:
+            try:
+                manifest = self.store.write(
+                    st.name,
+                    parent=parent,
+                    doc_ids=ids,
+                    lineage_size=lineage_size,
+                    write_state=write_state,
+                    info=info,
+                )
+            except OSError as exc:
+                # Retried every second (run_forever) with the documents left queued; the report
+                # lets /v1/status and /metrics say why nothing is being applied.
+                self.stats.problem(st.name, exc, seconds_valid=self.settings.lease_seconds)
+                raise
+            self.stats.solved(st.name)
+            return manifest
+
+        return write
 
     # The `Owner` the admin operations (service/replay.py) act through.
 
     def ready(self, st: NamespaceState) -> bool:
         self._snapshot(st)  # what is applied already goes first, through the guard
+        self._settle(st)
+        self._publish(st)
         return self.namespaces.get(st.name) is st and self._hold(st)
 
     def keep(self, st: NamespaceState) -> bool:

@@ -8,6 +8,8 @@ from pathlib import Path
 # Tiny models gain nothing from threads, and on a shared 2-core machine competing thread pools
 # thrash; subprocesses (workers, servers) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Behaviour is tested in float32 on any CPU; the dtype choice has its own tests (test_dtype.py).
+os.environ.setdefault("UPTAKE_DTYPE", "float32")
 
 import numpy as np
 import pytest
