@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ class Worker:
         self._stop = threading.Event()
         self._discovered = 0.0
         self._writes = (
-            ThreadPoolExecutor(1, thread_name_prefix="uptake-snapshot")
+            futures.ThreadPoolExecutor(1, thread_name_prefix="uptake-snapshot")
             if settings.async_snapshots
             else None
         )
@@ -135,12 +135,13 @@ class Worker:
         self.shutdown()
 
     def run_once(self) -> int:
-        """One turn: claim namespaces, apply what is due, read new entries, snapshot what is due."""
+        """One turn: claim namespaces, apply what is due, read new entries, snapshot what is due.
+        A turn that published a version written in the background does not wait on the stream,
+        so whoever turns the worker (tests, the bench) sees it at once."""
         self.load()
         self._discover()
         self._renew_leases()
-        for st in list(self.namespaces.values()):
-            self._publish(st)
+        published = sum(self._publish(st) for st in list(self.namespaces.values()))
         if not self.namespaces:
             self._stop.wait(0.5)
             return 0
@@ -148,9 +149,15 @@ class Worker:
         done = self._process(self._due())
         if self._stop.is_set():
             return done
+        writing = [st.writing.manifest for st in self.namespaces.values() if st.writing]
         entries = self.queue.read(
-            list(self.namespaces), self.consumer, self.settings.max_batch, self._block_ms()
+            list(self.namespaces),
+            self.consumer,
+            self.settings.max_batch,
+            None if published or writing else self._block_ms(),
         )
+        if writing and not entries:  # nothing to learn: wait for the write instead, briefly
+            futures.wait(writing, WRITING_POLL_SECONDS, futures.FIRST_COMPLETED)
         done += self._process(entries)
         for st in list(self.namespaces.values()):
             if st.unsaved_since is not None and (
@@ -277,8 +284,6 @@ class Worker:
             wait = min(wait, st.renewed + self.settings.lease_seconds / 3 - now)
             if st.unsaved_since is not None:
                 wait = min(wait, st.unsaved_since + self.settings.snapshot_seconds - now)
-            if st.writing is not None:  # published as soon as it is written
-                wait = min(wait, WRITING_POLL_SECONDS)
             wait = min([wait] + [t - now for t, _ in st.retries])
         return None if wait <= 0.001 else int(wait * 1000)
 
@@ -465,9 +470,11 @@ class Worker:
         st.probe_f1 = f1
         st.unpublished.append((manifest, list(unsaved.values())))
 
-    def _publish(self, st: NamespaceState) -> None:
-        """Announce durable snapshots, mark their documents applied, and only then acknowledge."""
+    def _publish(self, st: NamespaceState) -> int:
+        """Announce durable snapshots, mark their documents applied, and only then acknowledge;
+        how many versions were published."""
         self._settle(st, wait=False)
+        published = len(st.unpublished)
         while st.unpublished:
             manifest, entry_ids = st.unpublished[0]
             publish_version(self.redis, self.keys, st.name, manifest.version)
@@ -481,6 +488,7 @@ class Worker:
                 manifest.version,
                 len(manifest.doc_ids),
             )
+        return published
 
     def write(
         self,

@@ -48,6 +48,8 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
     for mode in ("lora", "mac"):
         fresh = report["freshness"][mode]
         assert fresh["documents"] == fresh["documents_applied"] == 6, mode  # none skipped
+        update = report["ingest"][mode]["seconds_per_document"]
+        assert fresh["target_seconds"] == pytest.approx(fresh["snapshot_seconds"] + update)
     assert "modes_not_measured" not in report
     streamed = report["streaming"]
     assert streamed["questions"] == 3 and streamed["joined_equals_unstreamed"] == 1.0
