@@ -196,7 +196,9 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 def bare_answer_rate(settings: Settings, questions: list[str]) -> float:
     """Sequential single-question generate calls in-process: the baseline for (b)."""
-    model, tokenizer = load_base(settings.model, settings.device, settings.torch_dtype())
+    model, tokenizer = load_base(
+        settings.model, settings.device, settings.torch_dtype(serving=True)
+    )
     generate_answers(model, tokenizer, questions[:2], max_new_tokens=12)
     started = time.perf_counter()
     for q in questions:
@@ -399,12 +401,8 @@ def run_bench(
             "model": model,
             "device": str(settings.device or ("cuda" if torch.cuda.is_available() else "cpu")),
             "torch_threads": torch.get_num_threads(),
-            "dtype": str(
-                settings.torch_dtype()
-                or default_dtype(
-                    torch.device(settings.device) if settings.device else default_device()
-                )
-            ).removeprefix("torch."),
+            "dtype": _dtype_name(settings),
+            "serving_dtype": _dtype_name(settings, serving=True),
             "config": asdict(cfg),
             "settings": {
                 k: getattr(settings, k)
@@ -448,6 +446,12 @@ def run_bench(
     return report
 
 
+def _dtype_name(settings: Settings, serving: bool = False) -> str:
+    device = torch.device(settings.device) if settings.device else default_device()
+    dtype = settings.torch_dtype(serving) or default_dtype(device)
+    return str(dtype).removeprefix("torch.")
+
+
 def _worker_settings(settings: dict) -> str:
     batch = settings.get("learn_batch", 1)
     learns = (
@@ -475,7 +479,8 @@ def bench_markdown(report: dict) -> str:
         f"Reproduce: `{report['command']}`",
         "",
         f"Model `{report['model']}` on {report['device']} with {report['torch_threads']} torch "
-        f"threads, its weights in {report.get('dtype', 'float32')}; "
+        f"threads, the base in {report.get('dtype', 'float32')} for learning and in "
+        f"{report.get('serving_dtype', report.get('dtype', 'float32'))} for answers; "
         f"{_worker_settings(report.get('settings', {}))}.",
         "",
         "| pair | service | baseline | ratio |",

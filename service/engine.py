@@ -105,7 +105,7 @@ class ServingEngine:
 
     def load(self) -> None:
         model, tokenizer = load_base(
-            self.settings.model, self.settings.device, self.settings.torch_dtype()
+            self.settings.model, self.settings.device, self.settings.torch_dtype(serving=True)
         )
         model.requires_grad_(False)
         self._tokenizer = tokenizer

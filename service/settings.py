@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     device: str | None = None
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
-        description="the base's weights; auto: bfloat16 on a GPU, and on a CPU with AVX-512 "
-        "BF16 or AMX (faster, same uptake: docs/results/cpu-options.md), else float32",
+        description="the base's weights; auto: bfloat16 on a GPU, and for the worker's "
+        "learning on a CPU with AVX-512 BF16 or AMX (faster, same uptake; answers stay float32 "
+        "on a CPU: docs/results/cpu-options.md), else float32",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads per process (`uptake up` splits the cores)"
@@ -269,14 +270,15 @@ class Settings(BaseSettings):
             env[f"UPTAKE_{name.upper()}"] = str(value)
         return env
 
-    def torch_dtype(self) -> torch.dtype | None:
-        """The base's dtype. auto: bfloat16 on a CPU that multiplies it in hardware, where it
-        steps 1.5x and answers 1.2x faster with the same uptake (docs/results/cpu-options.md),
-        else the device's default (None)."""
+    def torch_dtype(self, serving: bool = False) -> torch.dtype | None:
+        """The base's dtype for learning, or for `serving` answers. auto: bfloat16 for learning
+        on a CPU that multiplies it in hardware (a LoRA step 1.1 to 1.5x faster, the same
+        uptake); float32 for serving on a CPU, where peft's adapter layers make bfloat16
+        generation slower (docs/results/cpu-options.md); else the device's default (None)."""
         if self.dtype != "auto":
             return dtype_named(self.dtype)
         on_cpu = (self.device or default_device().type) == "cpu"
-        return torch.bfloat16 if on_cpu and cpu_has_native_bf16() else None
+        return torch.bfloat16 if on_cpu and not serving and cpu_has_native_bf16() else None
 
     def lora(self) -> LoraSettings:
         return LoraSettings(

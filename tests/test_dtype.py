@@ -33,8 +33,10 @@ def test_auto_is_bf16_only_on_a_cpu_that_has_it(
     monkeypatch.setattr(settings_module, "cpu_has_native_bf16", lambda: native)
     s = make_settings(tmp_path, tmp_path, "redis://unused", "p", dtype="auto", device="cpu")
     assert s.torch_dtype() == (torch.bfloat16 if native else None)
+    assert s.torch_dtype(serving=True) is None  # answers stay float32 on a CPU
     for name in ("float32", "bfloat16"):
-        assert s.model_copy(update={"dtype": name}).torch_dtype() == getattr(torch, name)
+        chosen = s.model_copy(update={"dtype": name})
+        assert chosen.torch_dtype() == chosen.torch_dtype(serving=True) == getattr(torch, name)
 
 
 def test_unknown_dtype_names_are_refused() -> None:

@@ -95,7 +95,9 @@ class MacModels:
     def load(cls, settings: Settings) -> MacModels:
         """Check UPTAKE_MAC_DIR before the slow part, then load the base and the networks."""
         directory = settings.mac_networks()
-        base, tokenizer = load_base(settings.model, settings.device, settings.torch_dtype())
+        base, tokenizer = load_base(
+            settings.model, settings.device, settings.torch_dtype(serving=True)
+        )
         base.requires_grad_(False)
         return cls(base, tokenizer, directory, settings.mac_top_k)
 
