@@ -762,6 +762,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="--mac-scaling: target documents (default 20)",
     )
     p.add_argument(
+        "--ingest-rate",
+        type=float,
+        default=None,
+        metavar="DOCS_PER_S",
+        help="(c): documents per second posted in the freshness run (default 1)",
+    )
+    p.add_argument(
         "--cpu-options",
         action="store_true",
         help="run only the CPU settings study: a LoRA step and an answer under each setting",
@@ -778,6 +785,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import dataclasses
     import shlex
     from pathlib import Path
 
@@ -794,8 +802,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     settings.apply_torch_threads()
     model = args.model or DEFAULT_BASE
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.ingest_rate is not None:
+        if args.ingest_rate <= 0:
+            print(
+                f"uptake bench: --ingest-rate must be above 0, got {args.ingest_rate}",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = dataclasses.replace(cfg, ingest_rate=args.ingest_rate)
     out = Path(args.out)
     flags = (["--quick"] if args.quick else []) + (["--mac", args.mac] if args.mac else [])
+    flags += ["--ingest-rate", f"{args.ingest_rate:g}"] if args.ingest_rate is not None else []
     command = shlex.join(["uptake", "bench", *flags, "--model", model, "--out", args.out])
     mac_dir = Path(args.mac) if args.mac else None
     try:
