@@ -434,13 +434,11 @@ class Worker:
             return
         unsaved = dict(st.unsaved)
         size = len(st.lineage) + len(unsaved)
+        state = st.backend.write_state if self._writes is None else st.backend.capture_state()
+        write = self._writer(st, st.version, list(unsaved), size, state, probe_f1=f1)
         if self._writes is None:
-            write = self._writer(st, st.version, list(unsaved), size, st.backend.write_state)
             self._written(st, write(), unsaved, f1)
         else:
-            write = self._writer(
-                st, st.version, list(unsaved), size, st.backend.capture_state(), probe_f1=f1
-            )
             st.writing = Writing(self._writes.submit(write), unsaved, f1)
         st.unsaved = {}
         st.unsaved_since = None

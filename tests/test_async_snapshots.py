@@ -78,3 +78,16 @@ def test_snapshots_written_in_the_loop_still_publish(tmp_path: Path, tiny_model_
         started = time.monotonic()
         stack.worker.shutdown()
         assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_the_guard_s_probe_f1_is_recorded_either_way(
+    background: bool, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    probes = [{"question": "Where does Alda Venn work?", "answers": ["Quillon Works"]}]
+    with open_stack(tmp_path, tiny_model_dir, async_snapshots=background) as stack:
+        stack.configure("guarded", probes=probes, guard_epsilon=1.0)
+        ids = stack.submit("guarded", TEXTS)
+        stack.drain(lambda: stack.applied(ids))
+        info = stack.worker.store.manifest("guarded", 1).info
+        assert isinstance(info["probe_f1"], float)
