@@ -70,6 +70,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def base_dtype(device: str | torch.device | None, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype `load_base` gives a base: `dtype`, else the device's default."""
+    dev = torch.device(device) if device is not None else default_device()
+    return dtype if dtype is not None else default_dtype(dev)
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), where bf16 weights
     make steps and answers faster; elsewhere it is emulated and slower. False where unknown."""
@@ -97,7 +103,7 @@ def load_base(
     """Load a causal LM and its tokenizer from a local directory, a hub id or a packaged base's
     short name (converted on first use), ready for inference."""
     dev = torch.device(device) if device is not None else default_device()
-    dt = dtype if dtype is not None else default_dtype(dev)
+    dt = base_dtype(dev, dtype)
     with _LOAD_LOCK:  # a conversion loads a model too
         path = resolve_base(str(name_or_path))
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -28,7 +28,7 @@ from adaptation.data import Document
 from adaptation.lab.live import live_service
 from adaptation.lab.world import World, WorldConfig
 from adaptation.learner import Learner, fresh_adapter
-from adaptation.modeling import default_device, default_dtype, load_base
+from adaptation.modeling import base_dtype, load_base
 from service.backends.lora import LORA_SEED, build_weighter, learn_settings
 from service.documents import DocumentStore
 from service.redis_conn import redis_url
@@ -45,9 +45,8 @@ class BenchConfig:
     docs: int = 48
     questions: int = 96
     concurrency: tuple[int, ...] = (1, 8, 32)
-    namespaces: int = (
-        4  # the largest concurrency is measured again, its questions spread over these
-    )
+    # The largest concurrency is measured again, its questions spread over this many namespaces.
+    namespaces: int = 4
     ingest_rate: float = 1.0  # documents per second for the freshness run
     freshness_docs: int = 20
     streamed: int = 8  # questions asked streamed and whole, one at a time
@@ -89,11 +88,7 @@ class BareLoop:
         they are all queued."""
         docs = [Document(f"bare-{i}", text, source="bench") for i, text in enumerate(texts)]
         for start in range(0, len(docs), self.batch):
-            group = docs[start : start + self.batch]
-            if len(group) == 1:
-                self.learner.learn(group[0])
-            else:
-                self.learner.learn_together([(doc, 1.0) for doc in group])
+            self.learner.learn_together([(doc, 1.0) for doc in docs[start : start + self.batch]])
 
 
 def _drain(worker: Worker, store: DocumentStore, ids: list[str], timeout: float = 3600) -> None:
@@ -130,7 +125,7 @@ def worker_vs_bare(
     bare = BareLoop(settings)
     worker = Worker(settings)
     worker.load()
-    store = DocumentStore(worker.redis, worker.keys)
+    store = worker.docs
 
     def through_worker(batch: list[str]) -> None:
         _apply(worker, store, batch)
@@ -173,7 +168,7 @@ def worker_ingest(settings: Settings, texts: list[str]) -> dict[str, float]:
     after a warm-up, then what each document leaves behind."""
     worker = Worker(settings)
     worker.load()
-    store = DocumentStore(worker.redis, worker.keys)
+    store = worker.docs
     try:
         _apply(worker, store, texts[:WARMUP_DOCS])
         started = time.perf_counter()
@@ -392,7 +387,7 @@ def run_bench(
         if others:
             log(f"(b) adapters for {len(others)} more namespaces, to mix in one batch")
         for namespace in others:
-            _apply(worker, DocumentStore(worker.redis, worker.keys), texts[:WARMUP_DOCS], namespace)
+            _apply(worker, worker.docs, texts[:WARMUP_DOCS], namespace)
         client = worker.redis
         worker.shutdown()
         log(f"(b) bare generate: {len(questions)} sequential questions")
@@ -447,18 +442,13 @@ def run_bench(
 
 
 def _dtype_name(settings: Settings, serving: bool = False) -> str:
-    device = torch.device(settings.device) if settings.device else default_device()
-    dtype = settings.torch_dtype(serving) or default_dtype(device)
-    return str(dtype).removeprefix("torch.")
+    return str(base_dtype(settings.device, settings.torch_dtype(serving))).removeprefix("torch.")
 
 
 def _worker_settings(settings: dict) -> str:
     batch = settings.get("learn_batch", 1)
-    learns = (
-        f"the worker learns up to {batch} queued documents per step"
-        if batch > 1
-        else ("the worker learns one document per step")
-    )
+    per_step = f"up to {batch} queued documents" if batch > 1 else "one document"
+    learns = f"the worker learns {per_step} per step"
     where = "in the background" if settings.get("async_snapshots") else "in its loop"
     return f"{learns} and writes snapshots {where}"
 

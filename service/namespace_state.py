@@ -34,9 +34,8 @@ class NamespaceState:
     # Applied but not yet in a snapshot: doc id -> stream entry id.
     unsaved: dict[str, str] = field(default_factory=dict)
     unsaved_since: float | None = None
-    writing: Writing | None = (
-        None  # at most one snapshot in flight: its version is the next's parent
-    )
+    # At most one snapshot in flight: its version is the next one's parent.
+    writing: Writing | None = None
     unpublished: list[tuple[Manifest, list[str]]] = field(default_factory=list)
     backlog: deque[Entry] = field(default_factory=deque)
     retries: list[tuple[float, Entry]] = field(default_factory=list)

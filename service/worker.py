@@ -169,9 +169,7 @@ class Worker:
     def shutdown(self) -> None:
         for st in list(self.namespaces.values()):
             try:
-                self._snapshot(st)
-                self._settle(st)
-                self._publish(st)
+                self._flush(st)
                 self.leases.release(st.name)
             except (redis.RedisError, OSError) as exc:
                 log.warning("worker: could not finish %s cleanly (%s)", st.name, exc)
@@ -468,6 +466,12 @@ class Worker:
         st.probe_f1 = f1
         st.unpublished.append((manifest, list(unsaved.values())))
 
+    def _flush(self, st: NamespaceState) -> None:
+        """Snapshot what is applied (through the guard), wait for the write and publish it."""
+        self._snapshot(st)
+        self._settle(st)
+        self._publish(st)
+
     def _publish(self, st: NamespaceState) -> int:
         """Announce durable snapshots, mark their documents applied, and only then acknowledge;
         how many versions were published."""
@@ -557,9 +561,7 @@ class Worker:
     # The `Owner` the admin operations (service/replay.py) act through.
 
     def ready(self, st: NamespaceState) -> bool:
-        self._snapshot(st)  # what is applied already goes first, through the guard
-        self._settle(st)
-        self._publish(st)
+        self._flush(st)  # what is applied already goes first
         return self.namespaces.get(st.name) is st and self._hold(st)
 
     def keep(self, st: NamespaceState) -> bool:
