@@ -1,9 +1,12 @@
 """Micro-batching of concurrent questions: one padded forward pass serves many clients.
 
-Decoder-only generation costs about the same for 1 or 32 short prompts on the same hardware, so
-questions that arrive together are gathered for at most `max_wait` seconds (or until `max_batch`
-are waiting) and answered in one call. Questions for different namespaces share the call too:
-each row of the batch runs through its own namespace's adapter.
+Decoder-only generation costs far less per question for 32 short prompts than for 1, so
+questions that arrive together are answered in one call. A batch gathers questions while they
+keep coming at most `max_wait` seconds apart, until `max_batch` are waiting or `MAX_GATHER_WAITS`
+gaps have passed since the first. Clients answered together ask again together, but the API
+parses their requests one after another, so a fixed window from the first question would cut a
+round of clients in two. Questions for different namespaces share the call too: each row of the
+batch runs through its own namespace's adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 # Answers (namespace, question) pairs with one token budget; returns each answer with the adapter
 # version it came from.
 RunBatch = Callable[[list[tuple[str, str]], int], list[tuple[str, int]]]
+# The longest a batch gathers, in gaps of max_wait.
+MAX_GATHER_WAITS = 5
 
 
 @dataclass
@@ -53,12 +58,14 @@ class AnswerBatcher:
             if first is None:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
+            now = time.monotonic()
+            cutoff = now + MAX_GATHER_WAITS * self.max_wait
+            while len(batch) < self.max_batch and now < cutoff:
                 try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._inbox.get(timeout=min(self.max_wait, cutoff - now))
                 except queue.Empty:
                     break
+                now = time.monotonic()
                 if item is None:
                     self._serve(batch)
                     return

@@ -10,6 +10,7 @@ costs at ingest and in storage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import tempfile
@@ -233,32 +234,47 @@ def http_answering(
     }
 
 
-def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str, float]:
-    """POST one document every 1/rate seconds; each is timed until an answer comes from a
-    version that holds it."""
+FRESHNESS_STAGES = {
+    "queued_and_learning": "POST to learned: the queue, then the update",
+    "snapshot_and_publish": "learned to published: the snapshot period, the write, the publish",
+    "serving_switch": "published to answering: the API sees the version and loads it",
+    "answering": "the answer itself",
+}
 
-    def follow(doc: Document) -> float:
-        started = time.perf_counter()
+
+def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict:
+    """POST one document every 1/rate seconds; each is timed until an answer comes from a
+    version that holds it, and split into FRESHNESS_STAGES by its record's timestamps."""
+
+    def follow(doc: Document) -> tuple[float, dict[str, float]]:
+        started, posted_at = time.perf_counter(), time.time()
         posted = http.post("/v1/documents", json={"text": doc.text, "namespace": NAMESPACE})
         posted.raise_for_status()
+        doc_id = posted.json()["id"]
         answer = http.post(
             "/v1/answer",
             json={
                 "question": doc.questions[0].question,
                 "namespace": NAMESPACE,
-                "wait_for": [posted.json()["id"]],
+                "wait_for": [doc_id],
                 "timeout_s": 600,
             },
         )
         answer.raise_for_status()
-        return time.perf_counter() - started
+        total, done_at = time.perf_counter() - started, time.time()
+        record = http.get(f"/v1/documents/{doc_id}").json()
+        answering = answer.json()["latency_ms"] / 1000
+        marks = [posted_at, record["learned"], record["updated"], done_at - answering, done_at]
+        spans = itertools.pairwise(marks)
+        return total, {name: end - start for name, (start, end) in zip(FRESHNESS_STAGES, spans)}
 
     with ThreadPoolExecutor(len(docs)) as pool:
         futures = []
         for doc in docs:
             futures.append(pool.submit(follow, doc))
             time.sleep(1 / rate)
-        latencies = [f.result() for f in futures]
+        results = [f.result() for f in futures]
+    latencies = [total for total, _ in results]
     status = http.get("/v1/status", params={"namespace": NAMESPACE}).json()
     return {
         "documents_applied": status["documents_applied"],
@@ -266,6 +282,10 @@ def freshness(http: httpx.Client, docs: list[Document], rate: float) -> dict[str
         "documents": len(docs),
         "p50_seconds": statistics.median(latencies),
         "p95_seconds": _quantile(latencies, 0.95),
+        "stages_p50_seconds": {
+            name: statistics.median(stages[name] for _, stages in results)
+            for name in FRESHNESS_STAGES
+        },
     }
 
 
@@ -510,6 +530,12 @@ def bench_markdown(report: dict) -> str:
             f"{f['ingest_rate_docs_per_second']:g} | {f.get('snapshot_seconds', '')} | "
             + ("| |" if target is None else f"{target:.2f} | {_yes(f['p95_seconds'] <= target)} |")
         )
+    for mode, f in report["freshness"].items():
+        if "stages_p50_seconds" in f:
+            lines += ["", f"Where {mode}'s freshness goes (p50 of each stage, seconds):", ""]
+            lines += ["| stage | p50 s |", "| --- | --- |"]
+            for name, seconds in f["stages_p50_seconds"].items():
+                lines.append(f"| {FRESHNESS_STAGES[name]} | {seconds:.2f} |")
     lines += [
         "",
         "| mode | s / document at ingest | snapshot bytes / document | Redis bytes / document |",

@@ -91,6 +91,7 @@ class DocumentRecord:
     # The ids learned in one micro-batch with it, itself included (None: learned alone); a
     # replay learns them together again.
     batch: tuple[str, ...] | None = None
+    learned: float | None = None  # when a worker last learned it (Unix seconds)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> DocumentRecord:
@@ -114,6 +115,7 @@ class DocumentRecord:
             ),
             note=h.get("note") or None,
             batch=tuple(json.loads(h["batch"])) if h.get("batch") else None,
+            learned=float(h["learned"]) if h.get("learned") else None,
         )
 
 
@@ -263,6 +265,7 @@ class DocumentStore:
             "self_edit_sequences": self_edit_sequences,
             "note": note,
             "batch": json.dumps(list(batch)) if batch else None,
+            "learned": f"{time.time():.6f}",
         }
         present = {name: value for name, value in values.items() if value is not None}
         key = self.keys.doc(doc_id)

@@ -1,9 +1,10 @@
 """The serving engine: one base model, each namespace's newest adapter, hot-swapped.
 
 A background thread polls Redis for published versions. A new version is checked against its
-checksum, loaded under a fresh adapter name and switched to while holding the same lock that
-generation holds, then the old adapter is deleted. So an answer never sees a half-loaded adapter,
-and every answer reports the version it came from. Mode mac's engine (`MacServingEngine`) reuses
+checksum and swapped in while holding the same lock that generation holds: its weights are
+copied into the namespace's adapter when it has the same shape (read from disk before taking the
+lock), else it is loaded under a fresh adapter name and the old one deleted. So an answer never
+sees a half-loaded adapter, and every answer reports the version it came from. Mode mac's engine (`MacServingEngine`) reuses
 the polling, checks and batching, and swaps memory banks (service/backends/mac.py) instead of
 adapters.
 """
@@ -13,13 +14,17 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
-from peft import PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel, set_peft_model_state_dict
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from adaptation.answering import generate_answers, generate_batched
@@ -185,29 +190,44 @@ class ServingEngine:
             return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def _answer_batch(self, asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
-        """One generate call for questions from any namespaces: peft routes each row through its
-        namespace's adapter (`__base__` where none is published)."""
+        """One generate call for questions from any namespaces, each row through its namespace's
+        adapter (the base where none is published)."""
         assert self._base is not None and self._tokenizer is not None
         if self.on_batch is not None:
             self.on_batch(len(asks))
         questions = [q for _, q in asks]
         with self._lock:
             served = [self._adapters.get(ns, (0, "")) for ns, _ in asks]
-            if self._peft is None:
-                model, extra = self._base, {}
-            else:
-                self._peft.eval()
-                model = self._peft
-                extra = {"adapter_names": [name or BASE_ADAPTER for _, name in served]}
-            texts = generate_answers(
-                model,
-                self._tokenizer,
-                questions,
-                max_new_tokens=budget,
-                batch_size=len(questions),
-                **extra,
-            )
+            with self._routed([name for _, name in served]) as (model, extra):
+                texts = generate_answers(
+                    model,
+                    self._tokenizer,
+                    questions,
+                    max_new_tokens=budget,
+                    batch_size=len(questions),
+                    **extra,
+                )
         return [(text, version) for text, (version, _) in zip(texts, served, strict=True)]
+
+    @contextmanager
+    def _routed(self, names: list[str]) -> Iterator[tuple[PreTrainedModel, dict[str, Any]]]:
+        """The model (and generate's extra arguments) that runs each row through its adapter
+        ("" for the base); the caller holds the swap lock. A batch of one adapter, or of none, runs with that
+        adapter active or with adapters off: peft's mixed-batch forward, which routes rows per
+        layer, is only for batches that mix them, since it is slower."""
+        assert self._base is not None
+        if self._peft is None:
+            yield self._base, {}
+            return
+        self._peft.eval()
+        if len(set(names)) > 1:
+            yield self._peft, {"adapter_names": [name or BASE_ADAPTER for name in names]}
+        elif names[0]:
+            self._peft.set_adapter(names[0])
+            yield self._peft, {}
+        else:
+            with self._peft.disable_adapter():
+                yield self._peft, {}
 
     def complete(self, prompt: str, namespace: str, max_new_tokens: int) -> Reply:
         """A raw greedy continuation of `prompt` (to the end of its line)."""
@@ -224,17 +244,11 @@ class ServingEngine:
         run: Callable[[PreTrainedModel, PreTrainedTokenizerBase], list[str]],
     ) -> tuple[list[str], int]:
         """Run generation with the namespace's adapter active (or none), under the swap lock."""
-        assert self._base is not None and self._tokenizer is not None
+        assert self._tokenizer is not None
         with self._lock:
             version, name = self._adapters.get(namespace, (0, ""))
-            if self._peft is None:
-                return run(self._base, self._tokenizer), version
-            self._peft.eval()
-            if name:
-                self._peft.set_adapter(name)
-                return run(self._peft, self._tokenizer), version
-            with self._peft.disable_adapter():
-                return run(self._peft, self._tokenizer), version
+            with self._routed([name]) as (model, _):
+                return run(model, self._tokenizer), version
 
     def _loaded_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
@@ -272,6 +286,7 @@ class ServingEngine:
             self._stop.wait(self.settings.poll_seconds)
 
     def _switch(self, namespace: str, version: int) -> None:
+        started = time.perf_counter()
         path = self.store.path(namespace, version) if version else None
         if path is not None and not self.store.verify(namespace, version):
             log.error(
@@ -281,6 +296,7 @@ class ServingEngine:
             )
             self._rejected.add((namespace, version))
             return
+        checked = time.perf_counter()
         try:
             self._install(namespace, version, path)
         except Exception:  # a snapshot this replica cannot load must not stop it following others
@@ -289,13 +305,31 @@ class ServingEngine:
             )
             self._rejected.add((namespace, version))
             return
-        log.info("engine: %s now serves version %d", namespace, version)
+        log.info(
+            "engine: %s now serves version %d (checked in %.2f s, swapped in in %.2f s)",
+            namespace,
+            version,
+            checked - started,
+            time.perf_counter() - checked,
+        )
         if self.on_switch is not None:
             self.on_switch(namespace, version)
 
     def _install(self, namespace: str, version: int, path: Path | None) -> None:
         """Serve `namespace` from the verified snapshot at `path` (None: the bare base), swapped
-        in under the lock that generation holds. Modes other than lora override this."""
+        in under the lock that generation holds. A version shaped like the one served is read
+        outside the lock and copied into the served adapter's weights, so the lock is held for
+        milliseconds; another shape is loaded under a fresh name (peft builds its layers, which
+        takes about a second on a CPU). Modes other than lora override this."""
+        _, old = self._adapters.get(namespace, (0, ""))
+        if path is not None and old and self._peft is not None:
+            config = LoraConfig.from_pretrained(str(path))
+            if _same_shape(config, self._peft.peft_config[old]):
+                weights = load_file(str(path / SAFETENSORS_WEIGHTS_NAME))
+                with self._lock:
+                    set_peft_model_state_dict(self._peft, weights, adapter_name=old)
+                    self._adapters[namespace] = (version, old)
+                return
         name = f"{namespace}-v{version}" if path is not None else ""
         # Loading initialises the adapter at random first: RNG_LOCK keeps that from drawing
         # while a worker in this process (in tests) seeds the generator.
@@ -306,12 +340,20 @@ class ServingEngine:
                 self._peft.load_adapter(str(path), adapter_name=name)
             if name:
                 self._peft.set_adapter(name)
-            _, old = self._adapters.get(namespace, (0, ""))
             self._adapters[namespace] = (version, name)
             if old and self._peft is not None:
                 self._peft.delete_adapter(old)
             if self._peft is not None:
                 self._peft.eval()
+
+
+def _same_shape(new: PeftConfig, served: PeftConfig) -> bool:
+    """Whether `new`'s weights fit the layers built for `served` (only the mode flag differs)."""
+
+    def shape(config: PeftConfig) -> dict[str, Any]:
+        return {k: v for k, v in config.to_dict().items() if k != "inference_mode"}
+
+    return shape(new) == shape(served)
 
 
 class MacServingEngine(ServingEngine):

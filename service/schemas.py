@@ -204,8 +204,11 @@ class DocumentOut(BaseModel):
     note: str | None = Field(
         default=None, description="why a document recorded as applied changed nothing"
     )
-    created: float
-    updated: float
+    created: float = Field(description="when it was accepted (Unix seconds)")
+    learned: float | None = Field(
+        default=None, description="when a worker last learned it (Unix seconds); null until then"
+    )
+    updated: float = Field(description="when its status last changed (Unix seconds)")
 
 
 class AnswerIn(BaseModel):

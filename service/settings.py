@@ -223,7 +223,9 @@ class Settings(BaseSettings):
     # Answering: concurrent questions share one generate call.
     answer_batch: int = Field(default=32, ge=1, description="most questions per generate call")
     answer_wait_ms: float = Field(
-        default=5.0, ge=0, description="how long a question waits for others to join its batch"
+        default=20.0,
+        ge=0,
+        description="a batch gathers questions while they arrive at most this far apart",
     )
 
     # HTTP.

@@ -160,9 +160,7 @@ class Worker:
             futures.wait(writing, WRITING_POLL_SECONDS, futures.FIRST_COMPLETED)
         done += self._process(entries)
         for st in list(self.namespaces.values()):
-            if st.unsaved_since is not None and (
-                time.monotonic() - st.unsaved_since >= self.settings.snapshot_seconds
-            ):
+            if self._snapshot_due(st):
                 self._snapshot(st)
         return done
 
@@ -375,7 +373,7 @@ class Worker:
                 )
             else:
                 self.retries.failed(st, entry, attempt, result.reason or "update rejected")
-        if len(st.unsaved) >= self.settings.snapshot_every:
+        if self._snapshot_due(st):  # also mid-turn, so a long backlog does not hold it back
             self._snapshot(st)
 
     def _document(
@@ -417,6 +415,16 @@ class Worker:
             return [IngestResult(applied=False, reason=f"{type(exc).__name__}: {exc}")] * len(items)
 
     # Snapshots.
+
+    def _snapshot_due(self, st: NamespaceState) -> bool:
+        """After `snapshot_every` documents, or `snapshot_seconds` since the first unsaved one."""
+        if st.unsaved_since is None:
+            return False
+        waited = time.monotonic() - st.unsaved_since
+        return (
+            len(st.unsaved) >= self.settings.snapshot_every
+            or waited >= self.settings.snapshot_seconds
+        )
 
     def _snapshot(self, st: NamespaceState) -> None:
         """Write the applied documents as the next version, unless the update guard holds it

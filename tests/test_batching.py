@@ -46,6 +46,33 @@ def test_concurrent_questions_share_calls_across_namespaces_and_are_routed_back(
     assert any(len({ns for ns, _ in c}) == 2 for c in calls)  # one call served both namespaces
 
 
+def test_a_batch_gathers_while_questions_keep_coming_for_a_bounded_time() -> None:
+    """Questions 30 ms apart join one batch though the last comes long after the first's 50 ms;
+    a steady stream is still cut into batches, so none waits without end."""
+    calls: list[int] = []
+
+    def run_batch(asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
+        calls.append(len(asks))
+        return [(q, 0) for _, q in asks]
+
+    def ask_spaced(n: int) -> None:
+        with ThreadPoolExecutor(n) as pool:
+            futures = []
+            for i in range(n):
+                futures.append(pool.submit(batcher.answer, f"q{i}", "default", 8))
+                time.sleep(0.03)
+            for f in futures:
+                f.result(timeout=10)
+
+    batcher = AnswerBatcher(run_batch, max_batch=64, max_wait=0.05)
+    ask_spaced(4)
+    assert calls == [4]
+    calls.clear()
+    ask_spaced(24)  # the gathering stops MAX_GATHER_WAITS x 50 ms after the first question
+    batcher.close()
+    assert sum(calls) == 24 and len(calls) >= 2 and max(calls) <= 10, calls
+
+
 def test_a_failing_batch_fails_its_callers_and_the_batcher_lives_on() -> None:
     def run_batch(asks: list[tuple[str, str]], budget: int) -> list[tuple[str, int]]:
         if any(q == "boom" for _, q in asks):
@@ -97,19 +124,20 @@ def test_concurrent_http_answers_match_sequential_ones_in_fewer_calls(api: httpx
 
 
 def _publish_random_adapter(
-    settings: Settings, client: redis.Redis, namespace: str, seed: int
+    settings: Settings, client: redis.Redis, namespace: str, seed: int, parent: int = 0
 ) -> None:
-    """A LoRA adapter with large random weights, so its namespace answers differently."""
+    """A LoRA adapter with large random weights, so its namespace answers differently,
+    published as the version after `parent`."""
     model, _ = load_base(settings.model, "cpu")
     peft = attach_lora(model, settings.lora())
     torch.manual_seed(seed)
     for param in lora_parameters(peft).values():
         param.data.normal_(0, 0.5)
     store = AdapterStore(settings.adapters_dir())
-    store.write(namespace, 0, [], 0, lambda d: save_adapter(peft, d))
+    store.write(namespace, parent, [], 0, lambda d: save_adapter(peft, d))
     keys = Keys(settings.redis_prefix)
     client.sadd(keys.namespaces, namespace)
-    publish_version(client, keys, namespace, 1)
+    publish_version(client, keys, namespace, parent + 1)
 
 
 def test_one_generate_call_serves_several_namespaces_each_through_its_adapter(
@@ -147,3 +175,46 @@ def test_one_generate_call_serves_several_namespaces_each_through_its_adapter(
     }
     assert by_ns["alpha"] != by_ns["beta"] != by_ns["default"]  # each adapter does answer
     assert len(sizes) < len(asks) / 2 and max(sizes) > 1, sizes
+
+
+def test_a_new_version_is_copied_into_the_served_adapter_unless_its_shape_changed(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The hot swap copies weights into the layers already built when it can; either way each
+    version answers exactly as an engine that loaded only it."""
+    question = "Where does person 3 live?"
+    with isolated_settings(tmp_path, tiny_model_dir) as settings:
+        r = client(settings.redis_url)
+        keys, store = Keys(settings.redis_prefix), AdapterStore(settings.adapters_dir())
+        engine = ServingEngine(settings, r, keys, store)
+
+        def alone() -> tuple[str, int]:
+            fresh = ServingEngine(settings, r, keys, store)
+            try:
+                fresh.load()
+                fresh.refresh()
+                return fresh.answer(question, "alpha", 6)
+            finally:
+                fresh.stop()
+
+        try:
+            engine.load()
+            _publish_random_adapter(settings, r, "alpha", seed=0)
+            engine.refresh()
+            first = engine.answer(question, "alpha", 6)
+            layers = {id(m) for m in engine._peft.modules()}
+            _publish_random_adapter(settings, r, "alpha", seed=1, parent=1)
+            engine.refresh()
+            second = engine.answer(question, "alpha", 6)
+            assert second == alone() and second[1] == 2 and second[0] != first[0]
+            assert {id(m) for m in engine._peft.modules()} == layers  # copied in place
+            reshaped = settings.model_copy(update={"lora_rank": 4})
+            _publish_random_adapter(reshaped, r, "alpha", seed=2, parent=2)
+            engine.refresh()
+            third = engine.answer(question, "alpha", 6)
+            assert third == alone() and third[1] == 3
+            [(_, config)] = engine._peft.peft_config.items()  # the old shape was deleted
+            assert config.r == 4
+        finally:
+            engine.stop()
+            r.close()

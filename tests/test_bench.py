@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.bench import FRESHNESS_STAGES
 from service.cli import main
 from tests.servicekit import redis_for_tests
 
@@ -50,6 +51,10 @@ def test_quick_bench_writes_its_report_and_holds_the_worker_ratio(
         assert fresh["documents"] == fresh["documents_applied"] == 6, mode  # none skipped
         update = report["ingest"][mode]["seconds_per_document"]
         assert fresh["target_seconds"] == pytest.approx(fresh["snapshot_seconds"] + update)
+        stages = fresh["stages_p50_seconds"]
+        assert list(stages) == list(FRESHNESS_STAGES) and min(stages.values()) >= 0, stages
+        assert stages["queued_and_learning"] > 0 and stages["answering"] > 0, stages
+        assert sum(stages.values()) < 2 * fresh["p95_seconds"], stages
     assert "modes_not_measured" not in report
     streamed = report["streaming"]
     assert streamed["questions"] == 3 and streamed["joined_equals_unstreamed"] == 1.0

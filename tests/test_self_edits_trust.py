@@ -118,6 +118,7 @@ def test_supplied_self_edits_are_stored_counted_part_of_the_id_and_learned(lora:
     assert len({with_edits, fewer, bare}) == 3 and bare == content_id(TEXT, "edits")
     queued = lora.status(with_edits)
     assert (queued["self_edits"], queued["trust"], queued["sequences"]) == (2, None, None)
+    assert queued["learned"] is None and queued["created"] == queued["updated"] > 0
     chosen = {"text": TEXT, "id": "chosen-edits", "self_edits": EDITS}
     assert lora.http.post("/v1/documents", json=chosen).status_code == 202
     clash = lora.http.post("/v1/documents", json={**chosen, "self_edits": EDITS[:1]})
@@ -128,6 +129,7 @@ def test_supplied_self_edits_are_stored_counted_part_of_the_id_and_learned(lora:
     learned = lora.status(with_edits)
     assert learned["sequences"] == 1 + len(parsed) == 5
     assert (learned["self_edit_sequences"], learned["trust"]) == (len(parsed), 1.0)
+    assert learned["created"] < learned["learned"] <= learned["updated"]  # applied after learned
     alone = lora.status(plain)
     assert (alone["sequences"], alone["self_edit_sequences"], alone["self_edits"]) == (1, 0, 0)
     assert lora.store.manifest("edits", 1).doc_ids == (with_edits,)

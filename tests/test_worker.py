@@ -96,6 +96,19 @@ def test_documents_are_snapshotted_published_and_acked(settings: Settings) -> No
     worker.shutdown()
 
 
+def test_a_backlog_read_in_one_turn_is_snapshotted_on_time(settings: Settings) -> None:
+    """The snapshot period holds within a turn: a backlog read at once is not learned to its end
+    before the first of it is published."""
+    settings = settings.model_copy(update={"snapshot_every": 100, "snapshot_seconds": 1e-6})
+    docs = _docs(settings)
+    ids = [docs.submit(f"Person {i} lives in Town {i}.", "ns").id for i in range(4)]
+    worker = Worker(settings, weighter=PoisonWeighter())
+    worker.run_once()  # reads all four entries in one turn
+    _drain(worker, _all_applied(docs, ids))
+    assert [docs.get(i).adapter_version for i in ids] == [1, 2, 3, 4]
+    worker.shutdown()
+
+
 def test_resume_restores_state_and_skips_documents_in_the_lineage(settings: Settings) -> None:
     docs = _docs(settings)
     ids = [docs.submit(f"Fact {i}: the river Oss flows past Hale {i}.", "ns").id for i in range(4)]

@@ -66,6 +66,7 @@ def get_document(s: Svc, doc_id: DocIdPath, access: Tracker) -> DocumentOut:
         self_edit_sequences=record.self_edit_sequences,
         note=record.note,
         created=record.created,
+        learned=record.learned,
         updated=record.updated,
     )
 
