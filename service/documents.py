@@ -193,7 +193,7 @@ class DocumentStore:
     def statuses(self, doc_ids: Iterable[str]) -> dict[str, DocumentRecord | None]:
         """Status fields (not texts) for many documents in one round trip."""
         ids = list(doc_ids)
-        names = ["id", "namespace", "status", "adapter_version", "error", "attempts"]
+        names = ["id", "namespace", "status", "adapter_version", "error", "attempts", "learned"]
         pipe = self.redis.pipeline()
         for doc_id in ids:
             pipe.hmget(self.keys.doc(doc_id), names)

@@ -474,6 +474,11 @@ class Worker:
         st.probe_f1 = f1
         st.unpublished.append((manifest, list(unsaved.values())))
 
+    def flush(self) -> None:
+        """Snapshot and publish what every namespace has applied, now rather than when due."""
+        for st in list(self.namespaces.values()):
+            self._flush(st)
+
     def _flush(self, st: NamespaceState) -> None:
         """Snapshot what is applied (through the guard), wait for the write and publish it."""
         self._snapshot(st)
