@@ -479,7 +479,8 @@ def _yes(met: bool) -> str:
 
 def _clients(row: dict) -> str:
     n = row.get("namespaces", 1)
-    return f"{row['clients']} clients" + (f" over {n} namespaces" if n > 1 else "")
+    clients = f"{row['clients']} client" + ("s" if row["clients"] > 1 else "")
+    return clients + (f" over {n} namespaces" if n > 1 else "")
 
 
 def bench_markdown(report: dict) -> str:
