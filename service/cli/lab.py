@@ -707,7 +707,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="measure the service against bare loops (writes bench.json, bench.md, bench.png)",
         description="(a) worker vs a bare update loop, (b) HTTP answering at several "
         "concurrencies vs sequential bare generate, (c) freshness at a sustained ingest rate, "
-        "(d) ingest and storage cost per document. Each pair is measured in the same run. "
+        "split into stages (queue and update, snapshot and publish, the API's switch, the "
+        "answer), (d) ingest and storage cost per document. Each pair is measured in the same run. "
         "With --mac-scaling, only MAC's memory scaling instead: F1, answer latency and ingest "
         "cost with memory banks of --sizes entries (writes scaling.json, scaling.md, "
         "scaling.png). With --cpu-options, only the CPU settings study instead: threads, "
