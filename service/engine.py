@@ -4,9 +4,9 @@ A background thread polls Redis for published versions. A new version is checked
 checksum and swapped in while holding the same lock that generation holds: its weights are
 copied into the namespace's adapter when it has the same shape (read from disk before taking the
 lock), else it is loaded under a fresh adapter name and the old one deleted. So an answer never
-sees a half-loaded adapter, and every answer reports the version it came from. Mode mac's engine (`MacServingEngine`) reuses
-the polling, checks and batching, and swaps memory banks (service/backends/mac.py) instead of
-adapters.
+sees a half-loaded adapter, and every answer reports the version it came from. Mode mac's engine
+(`MacServingEngine`) reuses the polling, checks and batching, and swaps memory banks
+(service/backends/mac.py) instead of adapters.
 """
 
 from __future__ import annotations
@@ -212,9 +212,9 @@ class ServingEngine:
     @contextmanager
     def _routed(self, names: list[str]) -> Iterator[tuple[PreTrainedModel, dict[str, Any]]]:
         """The model (and generate's extra arguments) that runs each row through its adapter
-        ("" for the base); the caller holds the swap lock. A batch of one adapter, or of none, runs with that
-        adapter active or with adapters off: peft's mixed-batch forward, which routes rows per
-        layer, is only for batches that mix them, since it is slower."""
+        ("" for the base); the caller holds the swap lock. A batch of one adapter, or of none,
+        runs with that adapter active or with adapters off: peft's mixed-batch forward, which
+        routes rows per layer, is only for batches that mix them, since it is slower."""
         assert self._base is not None
         if self._peft is None:
             yield self._base, {}
