@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from adaptation.answering import generate_answers, generate_batched
 from adaptation.data import QA, Document, write_documents
-from adaptation.lab.mac_training import _prepare, batch_loss
+from adaptation.lab.mac_training import QUICK, _prepare, batch_loss, train_mac
 from adaptation.lab.world import WorldConfig, build_world
 from adaptation.mac.aggregator import Aggregator, AggregatorConfig
 from adaptation.mac.amortizer import EncoderConfig, tokenize
@@ -250,6 +251,49 @@ def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path:
     assert len(system.answer(QUESTIONS, max_new_tokens=4)) == 2
 
 
+def test_retention_training_teaches_a_memory_to_leave_unrelated_answers_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    world = build_world(
+        WorldConfig(
+            pretrain_people=4,
+            meta_train_people=12,
+            meta_val_people=2,
+            eval_people=2,
+            retention_questions=2,
+        )
+    )
+    docs = world["meta_train"][:12]
+    system = tiny_mac_system(tiny_model_dir)
+    pad = int(system.tokenizer.pad_token_id)
+    batch = _prepare(docs[:4], system.tokenizer, system.networks.config)
+    strangers = [d.qas[0] for d in _prepare(docs[4:8], system.tokenizer, system.networks.config)]
+    with torch.no_grad():
+        alone = batch_loss(system.networks, system.base, batch, pad)
+        crowded = batch_loss(
+            system.networks, system.base, batch, pad, distractors=alone.memory.flip(0)
+        )
+        watched = batch_loss(system.networks, system.base, batch, pad, strangers=strangers)
+    assert float(alone.kl) == 0.0 and float(watched.kl) > 0.0
+    assert float(watched.total) == pytest.approx(float(alone.total))
+    assert not torch.isclose(crowded.qa, alone.qa)
+
+    def final_kl(weight: float) -> float:
+        config = dataclasses.replace(
+            QUICK,
+            epochs=100,
+            max_steps=48,
+            time_limit_s=None,
+            distractors=8,
+            retention_weight=weight,
+            lr=3e-3,
+        )
+        report = train_mac(tiny_model_dir, docs, docs, tmp_path / f"mac{weight}", config, "cpu")
+        return report.val_history[-1][2]
+
+    assert final_kl(20.0) < 0.4 * final_kl(0.0)
+
+
 def _keyword_embed(texts: Sequence[str]) -> torch.Tensor:
     """A stand-in for MiniLM: one axis per document's subject, so retrieval is known exactly."""
     subjects = ("Venn", "Selka", "Bowl")
@@ -278,7 +322,7 @@ def test_base_encoder_trains_a_step_with_no_gradient_on_the_base(
     # ...and a training step, the base frozen as meta-training freezes it, trains only MAC.
     networks.zero_grad(set_to_none=True)
     base.requires_grad_(False)
-    batch_loss(networks, base, batch, int(system.tokenizer.pad_token_id), [0]).backward()
+    batch_loss(networks, base, batch, int(system.tokenizer.pad_token_id), [0]).total.backward()
     assert all(p.grad is None for p in base.parameters())
     assert networks.amortizer.read[1].weight.grad.abs().sum() > 0
     assert networks.aggregator.question.head[1].weight.grad.abs().sum() > 0

@@ -5,6 +5,14 @@ document plus the others as distractors).
 Backprop dropout: only a fraction of the batch's documents is amortized with gradient; the rest
 are encoded without it and serve as distractors, which keeps the memory large at a fraction of
 the activation memory and time. The checkpoint with the best validation loss is kept.
+
+Two additions keep a large bank from silencing the base, which the QA loss alone never sees:
+- `distractors`: the memory also holds that many modulations of earlier batches (a queue,
+  without gradient), so training reads banks as large as the service's, folded
+  hierarchically like them;
+- `retention_weight`: questions about documents the memory does not hold (the next batch's)
+  add the KL from the plain base's answer distribution to the prefixed one's, so that a bank
+  that does not know the answer leaves the base's own answer alone.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +80,8 @@ class MacTrainConfig:
     encoder: Literal["own", "base"] = "own"
     question_encoder: Literal["own", "base"] | None = None
     encoder_layer: int = -1
+    distractors: int = 0
+    retention_weight: float = 0.0
 
 
 QUICK = MacTrainConfig(
@@ -103,9 +114,10 @@ class MacTrainReport:
     last_train_loss: float | None = None
     val_loss_untrained: float | None = None
     val_loss_no_memory: float | None = None
+    val_retention_kl: float | None = None
     best_val_loss: float | None = None
     best_step: int = 0
-    val_history: list[tuple[int, float]] = field(default_factory=list)
+    val_history: list[tuple[int, float, float]] = field(default_factory=list)
     f1_no_memory: float | None = None
     f1_own_memory: float | None = None
     f1_batch_memory: float | None = None
@@ -160,38 +172,94 @@ def _lm_batch(
     return ids.to(device), mask.to(device), weights.to(device)
 
 
+def _memory(
+    networks: MacNetworks,
+    batch: Sequence[_Doc],
+    pad_id: int,
+    device: torch.device,
+    grad_docs: Sequence[int] | None,
+) -> torch.Tensor:
+    """The batch's modulations [N, T, d]; only `grad_docs` (None: all) carry gradient."""
+    ids, mask = pad_batch([d.tokens for d in batch], pad_id, device)
+    if grad_docs is None:
+        return networks.modulate(ids, mask)
+    chosen = set(grad_docs)
+    with_grad = torch.tensor(sorted(chosen), dtype=torch.long, device=device)
+    rest = torch.tensor(
+        [i for i in range(len(batch)) if i not in chosen], dtype=torch.long, device=device
+    )
+    with torch.no_grad():
+        frozen = networks.modulate(ids[rest], mask[rest]) if len(rest) else None
+    live = networks.modulate(ids[with_grad], mask[with_grad])
+    memory = live.new_empty(len(batch), *live.shape[1:])
+    memory = memory.index_copy(0, with_grad, live)
+    if frozen is not None:
+        memory = memory.index_copy(0, rest, frozen)
+    return memory
+
+
+def _prefixed_logits(
+    networks: MacNetworks,
+    base: PreTrainedModel,
+    qas: Sequence[_QA],
+    memory: torch.Tensor,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base's logits on the questions' prompt+answer, reading the memory; and the batch."""
+    device = memory.device
+    q_ids, q_mask = pad_batch([qa.question_tokens for qa in qas], pad_id, device)
+    prefix = networks.prefix(q_ids, q_mask, memory[None])
+    lm_ids, lm_mask, weights = _lm_batch(qas, pad_id, device)
+    return prefix_logits(base, prefix, lm_ids, lm_mask), lm_ids, lm_mask, weights
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    """`total` = `qa` + retention_weight * `kl` (kl is 0 without strangers)."""
+
+    total: torch.Tensor
+    qa: torch.Tensor
+    kl: torch.Tensor
+    memory: torch.Tensor
+
+
 def batch_loss(
     networks: MacNetworks,
     base: PreTrainedModel,
     batch: Sequence[_Doc],
     pad_id: int,
     grad_docs: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Answer NLL of every question in the batch, the memory being all the batch's documents.
-    `grad_docs`: which documents are amortized with gradient (None: all)."""
+    distractors: torch.Tensor | None = None,
+    strangers: Sequence[_QA] = (),
+    retention_weight: float = 0.0,
+) -> BatchLoss:
+    """Answer NLL of every question in the batch, the memory being all the batch's documents
+    plus `distractors` [K, T, d]; with `strangers` (questions on documents outside the memory),
+    plus the KL that keeps their answers the plain base's. `grad_docs`: which documents are
+    amortized with gradient (None: all)."""
     device = next(base.parameters()).device
-    ids, mask = pad_batch([d.tokens for d in batch], pad_id, device)
-    if grad_docs is None:
-        memory = networks.modulate(ids, mask)
-    else:
-        chosen = set(grad_docs)
-        with_grad = torch.tensor(sorted(chosen), dtype=torch.long, device=device)
-        rest = torch.tensor(
-            [i for i in range(len(batch)) if i not in chosen], dtype=torch.long, device=device
+    own = _memory(networks, batch, pad_id, device, grad_docs)
+    memory = own if distractors is None else torch.cat([own, distractors.to(own.dtype)])
+    qas = [qa for d in batch for qa in d.qas]
+    logits, lm_ids, lm_mask, weights = _prefixed_logits(networks, base, qas, memory, pad_id)
+    qa = weighted_lm_loss(logits, lm_ids, weights, lm_mask, normalisation="weights")
+    kl = qa.new_zeros(())
+    if strangers:
+        logits, lm_ids, lm_mask, weights = _prefixed_logits(
+            networks, base, strangers, memory, pad_id
         )
         with torch.no_grad():
-            frozen = networks.modulate(ids[rest], mask[rest]) if len(rest) else None
-        live = networks.modulate(ids[with_grad], mask[with_grad])
-        memory = live.new_empty(len(batch), *live.shape[1:])
-        memory = memory.index_copy(0, with_grad, live)
-        if frozen is not None:
-            memory = memory.index_copy(0, rest, frozen)
-    qas = [qa for d in batch for qa in d.qas]
-    q_ids, q_mask = pad_batch([qa.question_tokens for qa in qas], pad_id, device)
-    prefix = networks.prefix(q_ids, q_mask, memory[None])
-    lm_ids, lm_mask, weights = _lm_batch(qas, pad_id, device)
-    logits = prefix_logits(base, prefix, lm_ids, lm_mask)
-    return weighted_lm_loss(logits, lm_ids, weights, lm_mask, normalisation="weights")
+            plain = prefix_logits(base, None, lm_ids, lm_mask)
+        kl = _answer_kl(plain, logits, weights)
+    return BatchLoss(total=qa + retention_weight * kl, qa=qa, kl=kl, memory=own.detach())
+
+
+def _answer_kl(plain: torch.Tensor, prefixed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """KL(plain || prefixed) of the next-token distributions that predict answer tokens."""
+    at = weights[:, 1:] > 0
+    log_p = torch.log_softmax(plain[:, :-1][at].float(), dim=-1)
+    log_q = torch.log_softmax(prefixed[:, :-1][at].float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -206,13 +274,25 @@ def _no_memory_loss(base: PreTrainedModel, batches: Sequence[Sequence[_Doc]], pa
 
 
 @torch.no_grad()
-def _val_loss(
+def _validate(
     networks: MacNetworks, base: PreTrainedModel, batches: Sequence[Sequence[_Doc]], pad_id: int
-) -> float:
+) -> tuple[float, float]:
+    """The mean answer NLL with each batch as the memory, and the mean answer KL that memory
+    causes on the next batch's questions (0 for a single batch)."""
     networks.eval()
-    losses = [float(batch_loss(networks, base, b, pad_id)) for b in batches]
+    qa, kl = [], []
+    for i, batch in enumerate(batches):
+        strangers = _questions(batches[(i + 1) % len(batches)]) if len(batches) > 1 else ()
+        loss = batch_loss(networks, base, batch, pad_id, strangers=strangers)
+        qa.append(float(loss.qa))
+        kl.append(float(loss.kl))
     networks.train()
-    return sum(losses) / len(losses)
+    return sum(qa) / len(qa), sum(kl) / len(kl)
+
+
+def _questions(batch: Sequence[_Doc]) -> list[_QA]:
+    """One question per document: strangers to another batch's memory."""
+    return [d.qas[0] for d in batch if d.qas]
 
 
 def _batches(docs: Sequence[_Doc], size: int, rng: random.Random | None) -> list[list[_Doc]]:
@@ -303,9 +383,18 @@ def train_mac(
     val_every = cfg.val_every or steps_per_epoch
     optimizer = torch.optim.Adam(networks.parameters(), lr=cfg.lr)
     report.val_loss_no_memory = _no_memory_loss(base, val_batches, pad_id)
-    report.val_loss_untrained = _val_loss(networks, base, val_batches, pad_id)
+
+    def validate() -> float:
+        """The checkpoint criterion: answer NLL, plus the weighted KL when training for it."""
+        qa, kl = _validate(networks, base, val_batches, pad_id)
+        report.val_history.append((step, qa, kl))
+        return qa + cfg.retention_weight * kl
+
+    step = 0
+    report.best_val_loss = report.val_loss_untrained = validate()
+    report.val_retention_kl = report.val_history[-1][2]
     best_state = copy.deepcopy(networks.state_dict())
-    report.best_val_loss = report.val_loss_untrained
+    queue: deque[torch.Tensor] = deque(maxlen=cfg.distractors)
     system = MacSystem(networks, base, tok)
     networks.train()
 
@@ -318,12 +407,28 @@ def train_mac(
 
     bar = tqdm(total=total, desc="meta-train mac", unit="step")
     smoothed: float | None = None
-    step = 0
     while step < total and not report.stopped_early:
-        for batch in _batches(train, cfg.batch_docs, rng):
+        batches = _batches(train, cfg.batch_docs, rng)
+        for i, batch in enumerate(batches):
             n_grad = max(1, math.ceil(cfg.backprop_dropout * len(batch)))
             grad_docs = rng.sample(range(len(batch)), n_grad)
-            loss = batch_loss(networks, base, batch, pad_id, grad_docs)
+            strangers = (
+                _questions(batches[(i + 1) % len(batches)])
+                if cfg.retention_weight and len(batches) > 1
+                else ()
+            )
+            result = batch_loss(
+                networks,
+                base,
+                batch,
+                pad_id,
+                grad_docs,
+                distractors=torch.cat(list(queue)) if queue else None,
+                strangers=strangers,
+                retention_weight=cfg.retention_weight,
+            )
+            queue.extend(result.memory.split(1))
+            loss = result.total
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, progress())
             optimizer.zero_grad(set_to_none=True)
@@ -338,10 +443,10 @@ def train_mac(
             bar.update(1)
             out_of_time = cfg.time_limit_s is not None and progress() >= 1.0
             if step % val_every == 0 or step == total or out_of_time:
-                val = _val_loss(networks, base, val_batches, pad_id)
-                report.val_history.append((step, val))
+                val = validate()
                 if val < report.best_val_loss:
                     report.best_val_loss, report.best_step = val, step
+                    report.val_retention_kl = report.val_history[-1][2]
                     best_state = copy.deepcopy(networks.state_dict())
                     system.save(out_dir)
                 bar.set_postfix(

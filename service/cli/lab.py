@@ -314,6 +314,18 @@ MAC_OPTIONS = (
         "with base: the hidden state read (0 = embeddings, -1 = last layer)",
         type=int,
     ),
+    opt(
+        "--distractors",
+        "modulations of earlier batches kept in the memory beside the batch's own, so training "
+        "reads banks as large as the service's",
+        type=int,
+    ),
+    opt(
+        "--retention-weight",
+        "weight of the KL that keeps the plain base's answers to questions the memory does not "
+        "hold (0: QA loss only)",
+        type=float,
+    ),
     opt("--steps", "stop after this many steps", to="max_steps", type=int),
     opt(
         "--minutes",
@@ -583,12 +595,17 @@ def _add_meta_train_mac(methods: argparse._SubParsersAction) -> None:
         help="train MAC networks (amortizer, aggregator, prefix projector) for a frozen base",
         description="Each step amortizes a batch of --batch-docs documents into the memory "
         "(only --backprop-dropout of them with gradient) and scores the base's answer NLL on "
-        "all their questions, each reading a prefix aggregated over the whole batch. The best "
-        "checkpoint by validation loss is written to --out as a MAC directory, with "
+        "all their questions, each reading a prefix aggregated over the whole batch "
+        "(plus --distractors modulations of earlier batches); --retention-weight adds the KL "
+        "that keeps the plain base's answers to the next batch's questions, which the memory "
+        "does not hold. The best checkpoint by validation loss (answer NLL plus the weighted "
+        "KL) is written to --out as a MAC directory, with "
         "training.json. Unset options take the defaults of "
         "adaptation.lab.mac_training.MacTrainConfig (or its QUICK settings with --quick).",
     )
-    _meta_train_data_flags(p, "directory for the MAC system", "a tiny smoke run (under 2 minutes)")
+    _meta_train_data_flags(
+        p, "directory for the MAC system", "a tiny smoke run (under 2 minutes)", several=True
+    )
     add_options(p, MAC_OPTIONS)
     p.set_defaults(handler=_run_meta_train_mac)
 
@@ -606,7 +623,8 @@ def _run_meta_train_mac(args: argparse.Namespace) -> int:
     try:
         config = dataclasses.replace(QUICK if args.quick else MacTrainConfig(), **overrides)
         print(json.dumps(dataclasses.asdict(config)))
-        train, val = read_documents(args.train), read_documents(args.val)
+        train = [d for path in args.train for d in read_documents(path)]
+        val = [d for path in args.val for d in read_documents(path)]
         report = train_mac(args.base, train, val, args.out, config, device=args.device)
     except (OSError, ValueError) as exc:
         print(f"uptake meta-train mac: {exc}", file=sys.stderr)
