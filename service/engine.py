@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from adaptation.answering import generate_answers, generate_batched
 from adaptation.mac.system import MacSystem
+from adaptation.mixed_lora import adapters_by_row, sliceable
 from adaptation.modeling import RNG_LOCK, context_window, load_base
 from adaptation.prompts import Message, chat_prompt, clean_answer, last_question, qa_prompt
 from service.adapters import AdapterStore, published_versions
@@ -195,32 +196,38 @@ class ServingEngine:
         assert self._base is not None and self._tokenizer is not None
         if self.on_batch is not None:
             self.on_batch(len(asks))
-        questions = [q for _, q in asks]
         with self._lock:
             served = [self._adapters.get(ns, (0, "")) for ns, _ in asks]
-            with self._routed([name for _, name in served]) as (model, extra):
+            # Rows sorted by adapter: each adapter's rows are then one slice of the batch.
+            order = sorted(range(len(asks)), key=lambda i: served[i][1])
+            with self._routed([served[i][1] for i in order]) as (model, extra):
                 texts = generate_answers(
                     model,
                     self._tokenizer,
-                    questions,
+                    [asks[i][1] for i in order],
                     max_new_tokens=budget,
-                    batch_size=len(questions),
+                    batch_size=len(asks),
                     **extra,
                 )
-        return [(text, version) for text, (version, _) in zip(texts, served, strict=True)]
+        answers = dict(zip(order, texts, strict=True))
+        return [(answers[i], version) for i, (version, _) in enumerate(served)]
 
     @contextmanager
     def _routed(self, names: list[str]) -> Iterator[tuple[PreTrainedModel, dict[str, Any]]]:
         """The model (and generate's extra arguments) that runs each row through its adapter
         ("" for the base); the caller holds the swap lock. A batch of one adapter, or of none,
-        runs with that adapter active or with adapters off: peft's mixed-batch forward, which
-        routes rows per layer, is only for batches that mix them, since it is slower."""
+        runs with that adapter active or with adapters off. A mixed batch runs each adapter on
+        its slice of rows (`adapters_by_row`, rows sorted by the caller), or, for adapters that
+        are not plain LoRA, through peft's mixed-batch routing, which is slower."""
         assert self._base is not None
         if self._peft is None:
             yield self._base, {}
             return
         self._peft.eval()
-        if len(set(names)) > 1:
+        if len(set(names)) > 1 and sliceable(self._peft):
+            with adapters_by_row(self._peft, names) as model:
+                yield model, {}
+        elif len(set(names)) > 1:
             yield self._peft, {"adapter_names": [name or BASE_ADAPTER for name in names]}
         elif names[0]:
             self._peft.set_adapter(names[0])
