@@ -1,3 +1,4 @@
+import json
 import sys
 import types
 from pathlib import Path
@@ -17,6 +18,7 @@ from adaptation.weighting import (
     encode_weighted,
     make_weighter,
 )
+from service.cli import main
 from tests.conftest import tiny_tokenizer
 
 TEXT = (
@@ -271,3 +273,31 @@ def test_breakdown_classes_and_weights() -> None:
     assert all(abs(c.relative - 1.0) < 1e-9 for c in uniform.values())
     assert abs(sum(c.share for c in uniform.values()) - 1.0) < 1e-9
     assert uniform["filler"].chars == len(by_class["filler"])
+
+
+def test_weights_breakdown_reads_squad_passages_up_to_a_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    squad = [
+        {
+            "title": "Bowl",
+            "context": f"Game {i} was played in Denver in 201{i} by the Broncos.",
+            "questions": [{"question": f"Who played game {i}?", "answer": "the Broncos"}],
+        }
+        for i in range(3)
+    ]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(squad), encoding="utf-8")
+    args = ["weights", "--breakdown", str(path), "--weighter", "uniform,salient", "--limit", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"2 articles of {path}")
+    rows = {
+        cells[0]: dict(zip(CLASSES, cells[1:], strict=True))
+        for line in out.splitlines()[3:]
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {"uniform", "salient"}
+    assert rows["uniform"]["fact"].startswith("1.00 (")
+    assert rows["salient"]["filler"] == "0.00 (0%)"
+    assert float(rows["salient"]["fact"].split()[0]) > 1.0  # "Broncos" is a name

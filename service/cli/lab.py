@@ -643,7 +643,7 @@ def add_weights(sub: argparse._SubParsersAction) -> None:
         description="Prints the text with each token's background coloured by its weight "
         "(relative to the largest in the text), and optionally draws a PNG heat-strip. With "
         "--breakdown, instead tells how much weight falls on the facts, the entity, the "
-        "distractors and the filler of a knowledge-world stream.",
+        "distractors and the filler of a knowledge-world stream or of SQuAD passages.",
     )
     p.add_argument(
         "text", nargs="?", help="the text to weigh; '-' reads standard input, '@FILE' a file"
@@ -660,8 +660,13 @@ def add_weights(sub: argparse._SubParsersAction) -> None:
         "--breakdown",
         default=None,
         metavar="STREAM",
-        help="a world JSONL stream (e.g. eval_stream.jsonl): print each weighting's mean weight "
-        "per character class, relative to the article's mean (1 = average), and its share",
+        help="documents with questions, a world stream (e.g. eval_stream.jsonl) or SQuAD JSON: "
+        "print each weighting's mean weight per character class (fact: the questions' answers "
+        "in the text; entity: a world article's subject; distractor: other names, numbers and "
+        "dates; filler: the rest), relative to the article's mean (1 = average), and its share",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="with --breakdown, the first N documents only"
     )
     p.set_defaults(handler=_run_weights)
 
@@ -702,7 +707,7 @@ def _run_weight_breakdown(args: argparse.Namespace) -> int:
     from adaptation.weighting import make_weighter
 
     try:
-        docs = read_documents(args.breakdown)
+        docs = read_documents(args.breakdown, args.limit)
         corpus = [d.text for d in docs]
         weighters = {
             name: make_weighter(name, corpus=corpus)
