@@ -381,7 +381,13 @@ class MacServingEngine(ServingEngine):
         directory = self.settings.mac_networks()
         super().load()
         assert self._base is not None and self._tokenizer is not None
-        mac = MacModels(self._base, self._tokenizer, directory, self.settings.mac_top_k)
+        mac = MacModels(
+            self._base,
+            self._tokenizer,
+            directory,
+            self.settings.mac_top_k,
+            self.settings.mac_min_similarity,
+        )
         self._empty = mac.system(None)
         self._mac = mac
 

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         description="mode mac: each question aggregates only the k bank entries nearest it by "
         "MiniLM embedding (mac+rag); 0: the whole bank",
     )
+    mac_min_similarity: float = Field(
+        default=-1.0,
+        ge=-1.0,
+        le=1.0,
+        description="mode mac: each question aggregates only bank entries at least this similar "
+        "to it (MiniLM cosine), and a question about nothing in the bank reads no memory, so the "
+        "base answers it as it would alone; -1: off",
+    )
     lr: float = Field(default=1e-3, gt=0)
     steps_per_doc: int = Field(default=1, ge=1)
     normalisation: Literal["tokens", "weights", "fixed"] = "tokens"

@@ -387,6 +387,22 @@ def test_top_k_aggregates_only_the_retrieved_entries(tiny_model_dir: Path) -> No
     assert system.answer(QUESTIONS, max_new_tokens=6) != retrieved
 
 
+def test_a_similarity_floor_leaves_questions_about_nothing_in_the_bank_to_the_base(
+    tiny_model_dir: Path,
+) -> None:
+    system = tiny_mac_system(tiny_model_dir)
+    system.embed, system.min_similarity = _keyword_embed, 0.5
+    system.ingest_many(list(DOCS.items()))
+    assert system.bank.search(_keyword_embed(["Venn", "Paris"]), 3, 0.5) == [["alda"], []]
+    stranger = "What is the capital of France?"
+    gated = system.answer([QUESTIONS[0], stranger], max_new_tokens=6)
+    assert gated[0] == system.answer(QUESTIONS[:1], doc_ids=[["alda"]], max_new_tokens=6)[0]
+    plain = generate_answers(system.base, system.tokenizer, [stranger], max_new_tokens=6)
+    assert gated[1] == plain[0]
+    system.min_similarity = -1.0
+    assert system.answer([stranger], max_new_tokens=6) != plain  # the whole bank speaks
+
+
 def test_a_bank_of_other_networks_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     system = tiny_mac_system(tiny_model_dir)
     system.save(tmp_path / "mac")

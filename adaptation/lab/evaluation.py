@@ -42,7 +42,7 @@ from adaptation.mac.system import MacSystem
 from adaptation.metrics import score
 from adaptation.modeling import LoraSettings, dtype_named, load_base, without_adapters
 from adaptation.prompts import DEFAULT_SELF_EDIT_PROMPT
-from adaptation.retrieval import Retriever, as_context
+from adaptation.retrieval import Retriever, as_context, embed
 from adaptation.self_edit_cache import SelfEditCache, default_cache_dir
 from adaptation.trust import SourceTrust
 from adaptation.updater import UpdateConfig, UpdaterSnapshot
@@ -71,6 +71,9 @@ class EvalConfig:
     # Answers are capped here for scoring, so a long answer cannot collect gold tokens (recall).
     max_new_tokens: int = SCORED_ANSWER_TOKENS
     rag_k: int = 3
+    # rag, mac, mac+rag: only documents at least this similar to a question (MiniLM cosine) are
+    # read for it; -1: all. A question with none is answered closed-book.
+    min_similarity: float = -1.0
     weighter_path: str | None = None
     mac_path: str | None = None
     sweep_lrs: tuple[float, ...] = ()
@@ -292,6 +295,13 @@ class SealMethod(LoraMethod):
         }
 
 
+def relevant(
+    retriever: Retriever, question: str, k: int, floor: float
+) -> list[tuple[str, str, float]]:
+    """The k best hits for the question that score at least `floor`."""
+    return [hit for hit in retriever.search(question, k) if hit[2] >= floor]
+
+
 class RagMethod(BaseMethod):
     """Retrieval over the stored documents with the unchanged base: the strong, cheap baseline.
     Trust does not apply: a document is stored or not."""
@@ -301,7 +311,7 @@ class RagMethod(BaseMethod):
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
         super().__init__(model_dir, cfg)
         self.retriever = Retriever()
-        self.k = cfg.rag_k
+        self.k, self.floor = cfg.rag_k, cfg.min_similarity
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.retriever.add(doc.id, doc.text)
@@ -318,7 +328,8 @@ class RagMethod(BaseMethod):
     ) -> list[str]:
         """With the given contexts (reading), else with what the retriever finds."""
         if contexts is None:
-            contexts = [as_context(self.retriever.search(q, self.k)) for q in questions]
+            found = [relevant(self.retriever, q, self.k, self.floor) for q in questions]
+            contexts = [as_context(h) if h else None for h in found]
         return super().answer(questions, contexts)
 
 
@@ -330,6 +341,8 @@ class MacMethod(BankKnowledge, BaseMethod):
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
         BaseMethod.__init__(self, model_dir, cfg)
         system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
+        if cfg.min_similarity > -1.0:
+            system.embed, system.min_similarity = embed, cfg.min_similarity
         BankKnowledge.__init__(self, system, cfg.max_new_tokens)
         self.reset()
 
@@ -344,7 +357,7 @@ class MacRagMethod(MacMethod):
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
         super().__init__(model_dir, cfg)  # its reset() makes the empty bank and index
-        self.k = cfg.rag_k
+        self.k, self.floor = cfg.rag_k, cfg.min_similarity
 
     def ingest(self, doc: Document, trust: float = 1.0) -> IngestResult:
         self.retriever.add(doc.id, doc.text)
@@ -356,10 +369,10 @@ class MacRagMethod(MacMethod):
         """With the given contexts (reading) over the whole bank, else over what is retrieved."""
         if contexts is not None:
             return super().answer(questions, contexts)
-        hits = [self.retriever.search(q, self.k) for q in questions]
+        hits = [relevant(self.retriever, q, self.k, self.floor) for q in questions]
         return self.system.answer(
             questions,
-            contexts=[as_context(h) for h in hits],
+            contexts=[as_context(h) if h else None for h in hits],
             doc_ids=[[doc_id for doc_id, _, _ in h] for h in hits],
             max_new_tokens=self.max_new_tokens,
         )

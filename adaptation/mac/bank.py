@@ -162,17 +162,20 @@ class MemoryBank:
         rows = [self._row[i] for i in doc_ids if i in self._row]
         return self._data[torch.tensor(rows, dtype=torch.long)]
 
-    def search(self, queries: torch.Tensor, k: int) -> list[list[str]]:
+    def search(self, queries: torch.Tensor, k: int, min_score: float = -1.0) -> list[list[str]]:
         """The ids of the k entries whose keys are nearest each unit query [B, e] (cosine), best
-        first; fewer when the bank is smaller."""
+        first; fewer when the bank is smaller or fewer score at least `min_score`."""
         if self._keys is None:
             raise ValueError("this memory bank keeps no retrieval keys")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         n = len(self._ids)
         scores = queries.float() @ self._keys[:n].float().T
-        top = torch.topk(scores, min(k, n), dim=1).indices.tolist()
-        return [[self._ids[i] for i in row] for row in top]
+        top = torch.topk(scores, min(k, n), dim=1)
+        return [
+            [self._ids[i] for i, score in zip(row, row_scores) if score >= min_score]
+            for row, row_scores in zip(top.indices.tolist(), top.values.tolist())
+        ]
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         out = Path(directory)

@@ -3,7 +3,8 @@
 Ingesting a document is one forward pass of the amortizer with no gradient; answering aggregates
 the bank (or only the given documents' entries, for mac+rag) into a prefix for the base. With an
 `embed` function every entry also gets a retrieval key, and with `top_k` each question then
-aggregates only the k entries whose keys are nearest its own embedding (mac+rag in the service).
+aggregates only the k entries whose keys are nearest its own embedding (mac+rag in the service);
+with `min_similarity`, only entries at least that similar to it (none: the plain base answers).
 
 On disk (`save`/`load`): mac_config.json, networks.safetensors, the encoder's tokenizer (the
 base's by default, but any works) in encoder_tokenizer/, and the bank in bank/. The networks'
@@ -86,6 +87,7 @@ class MacSystem:
         networks_id: str | None = None,
         embed: Embed | None = None,
         top_k: int = 0,
+        min_similarity: float = -1.0,
     ) -> None:
         cfg = networks.config
         shape = PrefixShape.of(base_model)
@@ -94,8 +96,8 @@ class MacSystem:
                 f"these MAC networks were trained for a base shaped {cfg.prefix}, not {shape}; "
                 "train them for this base with `uptake meta-train mac`"
             )
-        if top_k and embed is None:
-            raise ValueError("retrieving the top-k entries needs an embed function")
+        if (top_k or min_similarity > -1.0) and embed is None:
+            raise ValueError("retrieving entries by similarity needs an embed function")
         self.base = base_model
         self.tokenizer = tokenizer
         # An encoder reading with the base reads the base's own tokens.
@@ -105,6 +107,7 @@ class MacSystem:
         self.networks_id = networks_id
         self.embed = embed
         self.top_k = top_k
+        self.min_similarity = min_similarity
         if len(self.encoder_tokenizer) > cfg.amortizer.vocab_size:
             raise ValueError(
                 f"the encoder tokenizer has {len(self.encoder_tokenizer)} tokens but the encoder "
@@ -220,16 +223,21 @@ class MacSystem:
         return self.networks.prefix(q_ids, q_mask, memory.to(self.device, torch.float32), mask)
 
     def retrieve(self, questions: Sequence[str]) -> list[list[str]] | None:
-        """Each question's `top_k` nearest entries; None to read the whole bank (no top_k, or a
-        bank saved without keys, which is said once)."""
-        if not self.top_k or not len(self.bank) or self.embed is None:
+        """Each question's `top_k` nearest entries (all, without top_k) of those at least
+        `min_similarity` to it; None to read the whole bank (neither is set, or a bank saved
+        without keys, which is said once). The similarity floor is a gate: a question about
+        nothing in the bank reads no memory, and the base answers it as it would alone."""
+        gated = self.min_similarity > -1.0
+        if not (self.top_k or gated) or not len(self.bank) or self.embed is None:
             return None
         if not self.bank.keyed:
             if not self._unkeyed_warned:
                 log.warning("mac: this bank keeps no retrieval keys; answering from all of it")
                 self._unkeyed_warned = True
             return None
-        return self.bank.search(self.embed(questions), self.top_k)
+        return self.bank.search(
+            self.embed(questions), self.top_k or len(self.bank), self.min_similarity
+        )
 
     def answer(
         self,

@@ -82,6 +82,7 @@ class MacModels:
         tokenizer: PreTrainedTokenizerBase,
         directory: Path,
         top_k: int = 0,
+        min_similarity: float = -1.0,
     ) -> None:
         trained = MacSystem.load(directory, base, tokenizer)
         self.base = base
@@ -90,6 +91,7 @@ class MacModels:
         self.networks_id = trained.networks_id
         self.encoder_tokenizer = trained.encoder_tokenizer
         self.top_k = top_k
+        self.min_similarity = min_similarity
 
     @classmethod
     def load(cls, settings: Settings) -> MacModels:
@@ -99,7 +101,7 @@ class MacModels:
             settings.model, settings.device, settings.torch_dtype(serving=True)
         )
         base.requires_grad_(False)
-        return cls(base, tokenizer, directory, settings.mac_top_k)
+        return cls(base, tokenizer, directory, settings.mac_top_k, settings.mac_min_similarity)
 
     def system(self, snapshot: Path | None) -> MacSystem:
         """The shared networks over the bank saved in `snapshot` (None: an empty bank); a bank
@@ -114,6 +116,7 @@ class MacModels:
             self.networks_id,
             embed,
             self.top_k,
+            self.min_similarity,
         )
 
     def open(self, namespace: str, snapshot: Path | None, settings: Settings) -> MacBackend:

@@ -170,6 +170,13 @@ EVAL_OPTIONS = (
     ),
     opt("--weighter", "CaMeLS weighting model dir (for camels)", to="weighter_path"),
     opt("--mac", "trained MAC dir (for mac, mac+rag)", to="mac_path"),
+    opt(
+        "--min-similarity",
+        "rag, mac, mac+rag: read only documents at least this similar to the question (MiniLM "
+        "cosine); a question with none is answered closed-book (default: -1, all)",
+        type=float,
+        default=-1.0,
+    ),
     opt("--checkpoints", "points on the uptake curve", type=int, default=5),
     opt(
         "--retention-matrix",
