@@ -1,5 +1,6 @@
 import pytest
 
+from adaptation.lab.evaluation import relevant
 from adaptation.retrieval import Retriever, as_context, load_encoder
 
 DOCS = [
@@ -59,3 +60,11 @@ def test_k_and_replacement() -> None:
     ]
     with pytest.raises(ValueError, match="k must be at least 1"):
         r.search("x", k=0)
+
+
+def test_a_similarity_floor_finds_nothing_for_a_question_about_nothing_stored(
+    retriever: Retriever,
+) -> None:
+    assert [h[0] for h in relevant(retriever, "Where was Alda Venn born?", 3, 0.3)] == ["venn"]
+    assert relevant(retriever, "What is the tallest mountain in Nepal?", 3, 0.3) == []
+    assert len(relevant(retriever, "What is the tallest mountain in Nepal?", 3, -1.0)) == 3
