@@ -53,7 +53,13 @@ DOCS = [
 
 
 def mac_settings(
-    model_dir: Path, mac_dir: Path, tmp: Path, url: str, prefix: str, top_k: int = 0
+    model_dir: Path,
+    mac_dir: Path,
+    tmp: Path,
+    url: str,
+    prefix: str,
+    top_k: int = 0,
+    min_similarity: float = -1.0,
 ) -> Settings:
     return make_settings(
         model_dir,
@@ -63,6 +69,7 @@ def mac_settings(
         mode="mac",
         mac_dir=mac_dir,
         mac_top_k=top_k,
+        mac_min_similarity=min_similarity,
         snapshot_every=3,
         answer_wait_ms=50,
     )
@@ -191,6 +198,40 @@ def test_mac_rag_engine_answers_from_the_retrieved_entries_only(
     assert served == retrieved
     system.top_k = 0
     assert system.answer([QUESTION], max_new_tokens=6) != [served]  # the whole bank differs
+
+
+def test_a_gated_mac_engine_leaves_a_question_about_nothing_in_the_bank_to_the_base(
+    tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    stranger = "What is the boiling point of water at sea level?"
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = mac_settings(
+            tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix, min_similarity=0.3
+        )
+        models = MacModels.load(settings)
+        r = client(url)
+        store = AdapterStore(settings.adapters_dir())
+        engine = open_engine(settings, r, Keys(prefix), store)
+        try:
+            version = _publish_bank(settings, models, r, "alpha", DOCS)
+            engine.load()
+            engine.refresh()
+            known, _ = engine.answer(QUESTION, "alpha", 6)
+            unknown, _ = engine.answer(stranger, "alpha", 6)
+        finally:
+            engine.stop()
+            drop_prefix(url, prefix)
+            r.close()
+    system = models.system(store.path("alpha", version))
+    assert system.min_similarity == 0.3 and system.retrieve([stranger]) == [[]]
+    plain = generate_answers(system.base, system.tokenizer, [stranger], max_new_tokens=6)
+    assert unknown == plain[0]
+    (whole_bank,) = system.answer([stranger], doc_ids=[system.bank.ids], max_new_tokens=6)
+    assert whole_bank != unknown  # ungated, the bank would have changed the answer
+    (near,) = system.retrieve([QUESTION])
+    assert "alpha-0" in near and len(near) < len(DOCS)  # Alda Venn's, not the whole bank
+    assert known == system.answer([QUESTION], doc_ids=[near], max_new_tokens=6)[0]
 
 
 def _publish_bank(
