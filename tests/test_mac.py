@@ -197,7 +197,8 @@ def test_wrong_base_or_missing_dir_is_a_clear_error(tiny_model_dir: Path, tmp_pa
         system.bank.append("x", torch.zeros(3, 3))
 
 
-def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _meta_train_docs() -> list[Document]:
+    """12 small knowledge-world articles with questions."""
     world = build_world(
         WorldConfig(
             pretrain_people=4,
@@ -207,8 +208,13 @@ def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path:
             retention_questions=2,
         )
     )
+    return world["meta_train"][:12]
+
+
+def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    docs = _meta_train_docs()
     data = tmp_path / "train.jsonl"
-    write_documents(data, world["meta_train"][:12])
+    write_documents(data, docs)
     out = tmp_path / "mac"
     code = main(
         [
@@ -247,23 +253,14 @@ def test_quick_training_lowers_the_training_loss(tiny_model_dir: Path, tmp_path:
     model, tok = load_base(tiny_model_dir, device="cpu")
     system = MacSystem.load(out, model, tok)
     assert len(system.bank) == 0
-    system.ingest("d", world["meta_train"][0].text)
+    system.ingest("d", docs[0].text)
     assert len(system.answer(QUESTIONS, max_new_tokens=4)) == 2
 
 
 def test_retention_training_teaches_a_memory_to_leave_unrelated_answers_alone(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    world = build_world(
-        WorldConfig(
-            pretrain_people=4,
-            meta_train_people=12,
-            meta_val_people=2,
-            eval_people=2,
-            retention_questions=2,
-        )
-    )
-    docs = world["meta_train"][:12]
+    docs = _meta_train_docs()
     system = tiny_mac_system(tiny_model_dir)
     pad = int(system.tokenizer.pad_token_id)
     batch = _prepare(docs[:4], system.tokenizer, system.networks.config)

@@ -16,7 +16,7 @@ import torch
 from adaptation.answering import generate_answers
 from adaptation.data import Document
 from adaptation.mac.bank import MemoryBank
-from adaptation.mac.system import BANK, BankMismatch
+from adaptation.mac.system import BANK, BankMismatch, MacSystem
 from adaptation.modeling import load_base
 from adaptation.paths import demo_mac_dir, demo_model_dir
 from adaptation.retrieval import embed
@@ -175,24 +175,10 @@ def test_a_bank_of_other_networks_is_refused_at_start(
 def test_mac_rag_engine_answers_from_the_retrieved_entries_only(
     tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
 ) -> None:
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = mac_settings(tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix, top_k=1)
-        models = MacModels.load(settings)
-        r = client(url)
-        store = AdapterStore(settings.adapters_dir())
-        engine = open_engine(settings, r, Keys(prefix), store)
-        try:
-            version = _publish_bank(settings, models, r, "alpha", DOCS)
-            engine.load()
-            engine.refresh()
-            served, answered = engine.answer(QUESTION, "alpha", 6)
-        finally:
-            engine.stop()
-            drop_prefix(url, prefix)
-            r.close()
+    system, version, [(served, answered)] = _served_from_a_bank(
+        tmp_path, tiny_model_dir, tiny_mac_dir, [QUESTION], top_k=1
+    )
     assert answered == version
-    system = models.system(store.path("alpha", version))
     assert system.bank.keyed and system.retrieve([QUESTION]) == [["alpha-0"]]  # Alda Venn's
     (retrieved,) = system.answer([QUESTION], doc_ids=[["alpha-0"]], max_new_tokens=6)
     assert served == retrieved
@@ -204,26 +190,9 @@ def test_a_gated_mac_engine_leaves_a_question_about_nothing_in_the_bank_to_the_b
     tmp_path: Path, tiny_model_dir: Path, tiny_mac_dir: Path
 ) -> None:
     stranger = "What is the boiling point of water at sea level?"
-    with redis_for_tests(tmp_path) as url:
-        prefix = unique_prefix()
-        settings = mac_settings(
-            tiny_model_dir, tiny_mac_dir, tmp_path, url, prefix, min_similarity=0.3
-        )
-        models = MacModels.load(settings)
-        r = client(url)
-        store = AdapterStore(settings.adapters_dir())
-        engine = open_engine(settings, r, Keys(prefix), store)
-        try:
-            version = _publish_bank(settings, models, r, "alpha", DOCS)
-            engine.load()
-            engine.refresh()
-            known, _ = engine.answer(QUESTION, "alpha", 6)
-            unknown, _ = engine.answer(stranger, "alpha", 6)
-        finally:
-            engine.stop()
-            drop_prefix(url, prefix)
-            r.close()
-    system = models.system(store.path("alpha", version))
+    system, _, [(known, _), (unknown, _)] = _served_from_a_bank(
+        tmp_path, tiny_model_dir, tiny_mac_dir, [QUESTION, stranger], min_similarity=0.3
+    )
     assert system.min_similarity == 0.3 and system.retrieve([stranger]) == [[]]
     plain = generate_answers(system.base, system.tokenizer, [stranger], max_new_tokens=6)
     assert unknown == plain[0]
@@ -232,6 +201,30 @@ def test_a_gated_mac_engine_leaves_a_question_about_nothing_in_the_bank_to_the_b
     (near,) = system.retrieve([QUESTION])
     assert "alpha-0" in near and len(near) < len(DOCS)  # Alda Venn's, not the whole bank
     assert known == system.answer([QUESTION], doc_ids=[near], max_new_tokens=6)[0]
+
+
+def _served_from_a_bank(
+    tmp_path: Path, model_dir: Path, mac_dir: Path, questions: list[str], **retrieval: Any
+) -> tuple[MacSystem, int, list[tuple[str, int]]]:
+    """Publish a bank of DOCS in namespace alpha, ask a mac engine (with the given retrieval
+    settings) each question, and return that version's system, the version and the answers."""
+    with redis_for_tests(tmp_path) as url:
+        prefix = unique_prefix()
+        settings = mac_settings(model_dir, mac_dir, tmp_path, url, prefix, **retrieval)
+        models = MacModels.load(settings)
+        r = client(url)
+        store = AdapterStore(settings.adapters_dir())
+        engine = open_engine(settings, r, Keys(prefix), store)
+        try:
+            version = _publish_bank(settings, models, r, "alpha", DOCS)
+            engine.load()
+            engine.refresh()
+            answers = [engine.answer(q, "alpha", 6) for q in questions]
+        finally:
+            engine.stop()
+            drop_prefix(url, prefix)
+            r.close()
+    return models.system(store.path("alpha", version)), version, answers
 
 
 def _publish_bank(

@@ -282,7 +282,7 @@ def _validate(
     networks.eval()
     qa, kl = [], []
     for i, batch in enumerate(batches):
-        strangers = _questions(batches[(i + 1) % len(batches)]) if len(batches) > 1 else ()
+        strangers = _strangers(batches, i)
         loss = batch_loss(networks, base, batch, pad_id, strangers=strangers)
         qa.append(float(loss.qa))
         kl.append(float(loss.kl))
@@ -290,9 +290,12 @@ def _validate(
     return sum(qa) / len(qa), sum(kl) / len(kl)
 
 
-def _questions(batch: Sequence[_Doc]) -> list[_QA]:
-    """One question per document: strangers to another batch's memory."""
-    return [d.qas[0] for d in batch if d.qas]
+def _strangers(batches: Sequence[Sequence[_Doc]], i: int) -> list[_QA]:
+    """One question per document of the batch after batch i: strangers to its memory (none when
+    there is no other batch)."""
+    if len(batches) < 2:
+        return []
+    return [d.qas[0] for d in batches[(i + 1) % len(batches)] if d.qas]
 
 
 def _batches(docs: Sequence[_Doc], size: int, rng: random.Random | None) -> list[list[_Doc]]:
@@ -412,11 +415,7 @@ def train_mac(
         for i, batch in enumerate(batches):
             n_grad = max(1, math.ceil(cfg.backprop_dropout * len(batch)))
             grad_docs = rng.sample(range(len(batch)), n_grad)
-            strangers = (
-                _questions(batches[(i + 1) % len(batches)])
-                if cfg.retention_weight and len(batches) > 1
-                else ()
-            )
+            strangers = _strangers(batches, i) if cfg.retention_weight else ()
             result = batch_loss(
                 networks,
                 base,
