@@ -337,11 +337,14 @@ class MacMethod(BankKnowledge, BaseMethod):
     """MAC: each document becomes one modulation in a memory bank; no gradient at ingest."""
 
     name = "mac"
+    # Whether the bank itself retrieves (keys every entry) for the similarity floor; mac+rag
+    # retrieves with its own index and names each question's documents.
+    bank_retrieves = True
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
         BaseMethod.__init__(self, model_dir, cfg)
         system = MacSystem.load(str(cfg.mac_path), self.model, self.tokenizer)
-        if cfg.min_similarity > -1.0:
+        if cfg.min_similarity > -1.0 and self.bank_retrieves:
             system.embed, system.min_similarity = embed, cfg.min_similarity
         BankKnowledge.__init__(self, system, cfg.max_new_tokens)
         self.reset()
@@ -354,6 +357,7 @@ class MacRagMethod(MacMethod):
     """MAC over only the retrieved documents' modulations, with their text in context."""
 
     name = "mac+rag"
+    bank_retrieves = False
 
     def __init__(self, model_dir: str, cfg: EvalConfig) -> None:
         super().__init__(model_dir, cfg)  # its reset() makes the empty bank and index

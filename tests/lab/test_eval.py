@@ -23,6 +23,8 @@ from adaptation.lab.evaluation import (
     EvalProtocol,
     Held,
     LoraMethod,
+    MacMethod,
+    MacRagMethod,
     Run,
     SealMethod,
     choose_setting,
@@ -339,3 +341,23 @@ def test_eval_cli_reads_squad(quick_home: Path, tmp_path: Path) -> None:
     assert "| uniform |" in out.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["questions"] >= 2 and report["retention_questions"] == 0
+
+
+def test_the_similarity_floor_gates_mac_in_its_bank_and_mac_rag_in_its_own_index(
+    tiny_model_dir: Path, tiny_mac_dir: Path
+) -> None:
+    cfg = EvalConfig(mac_path=str(tiny_mac_dir), min_similarity=0.3, max_new_tokens=6)
+    docs = [
+        Document("alda", "Alda Venn was born in Marrow Bay in 1961 and works for Quillon Works."),
+        Document("bowl", "Super Bowl 50 was an American football game played in 2016."),
+    ]
+    stranger = ["What is the boiling point of water at sea level?"]
+    mac, mac_rag = MacMethod(str(tiny_model_dir), cfg), MacRagMethod(str(tiny_model_dir), cfg)
+    for method in (mac, mac_rag):
+        for doc in docs:
+            method.ingest(doc)
+    plain = generate_answers(mac.model, mac.tokenizer, stranger, max_new_tokens=6)
+    assert mac.system.bank.keyed and mac.system.min_similarity == 0.3
+    # mac+rag names each question's documents from its own index: its bank keeps no keys.
+    assert not mac_rag.system.bank.keyed and len(mac_rag.retriever) == 2
+    assert mac.answer(stranger) == mac_rag.answer(stranger) == plain
